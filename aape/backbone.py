@@ -1,0 +1,261 @@
+"""Frozen CLIP backbones, from one factory.
+
+`load_backbone` takes an open_clip model name and either a pretrained tag (downloaded or cached by
+open_clip), a local checkpoint file, or the explicit choice `random-init`. It never falls back to
+random weights: when weights cannot be reached it fails within seconds and says how to supply them.
+Our own architecture configs (`aape/model_configs/*.json`, e.g. the tiny test model) are
+registered with open_clip so they load by name like the real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torchvision import transforms as T
+
+from aape.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM_INIT = "random-init"
+RANDOM_INIT_NOTICE = "RANDOM-INIT BACKBONE: weights are random, accuracies mean nothing about CLIP"
+_REACH_TIMEOUT_S = 3.0
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built as configured; the message says how to fix it."""
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP model with what the pipeline needs to know about it."""
+
+    model: torch.nn.Module
+    name: str
+    pretrained: str
+    identity: str  # what determines the embeddings: model name + weights identity
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embed_dim: int
+    logit_scale: float
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    eval_transform: T.Compose = field(repr=False, default=None)  # type: ignore[assignment]
+    train_transform: T.Compose = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def random_init(self) -> bool:
+        return self.pretrained == RANDOM_INIT
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) -> L2-normalised float32 embeddings (B,d)."""
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        with _autocast(self.device, self.dtype):
+            feats = self.model.encode_image(pixels)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> L2-normalised float32 embeddings (len(texts), d)."""
+        tokens = self.tokenizer(texts).to(self.device)
+        with _autocast(self.device, self.dtype):
+            feats = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("run.device is 'cuda' but no CUDA device is visible; set run.device: auto or cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def register_model_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def coop_train_transform(size: int, mean, std) -> T.Compose:
+    """CoOp's training augmentation: random resized crop + horizontal flip, bicubic."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def clip_eval_transform(size: int, mean, std) -> T.Compose:
+    """CLIP's evaluation preprocessing: resize the short side, centre crop, normalise."""
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def _file_digest(path: Path, limit: int = 1 << 24) -> str:
+    """Size + hash of the first 16 MiB: cheap, and enough to tell checkpoints apart."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        h.update(fh.read(limit))
+    return f"{path.stat().st_size}-{h.hexdigest()[:16]}"
+
+
+def _host_reachable(url: str) -> bool:
+    host = urlparse(url).hostname or url
+    try:
+        with socket.create_connection((host, 443), timeout=_REACH_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _how_to_supply(model: str, tag: str) -> str:
+    return (
+        f"How to supply the weights for {model}/{tag}:\n"
+        f"  1. on a machine with internet: python -c \"import open_clip; "
+        f"open_clip.create_model_and_transforms('{model}', pretrained='{tag}')\"\n"
+        f"     then copy its Hugging Face cache (~/.cache/huggingface) here, or set HF_HOME to a copy; or\n"
+        f"  2. download the checkpoint file and set backbone.pretrained: /path/to/checkpoint.bin "
+        f"(or .safetensors); or\n"
+        f"  3. for an offline smoke run only: backbone.pretrained: {RANDOM_INIT} (results are then meaningless)."
+    )
+
+
+def check_pretrained_reachable(model: str, tag: str) -> None:
+    """Fail fast (seconds) when a pretrained tag is neither cached nor downloadable."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(model)
+        raise BackboneError(
+            f"backbone.pretrained: '{tag}' is not a known open_clip tag for '{model}' and is not an existing file. "
+            f"Known tags: {', '.join(known) or 'none'}; or give a checkpoint path, or '{RANDOM_INIT}'."
+        )
+    hub_id = cfg.get("hf_hub", "")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = "/".join(hub_id.rstrip("/").split("/")[:2])
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            cached = try_to_load_from_cache(repo_id, filename)
+            if isinstance(cached, str) and os.path.exists(cached):
+                return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    url = cfg.get("url") or "https://huggingface.co"
+    if offline or not _host_reachable("https://huggingface.co" if hub_id else url):
+        reason = "HF_HUB_OFFLINE is set" if offline else "the weights host cannot be reached"
+        raise BackboneError(
+            f"pretrained weights {model}/{tag} are not in the local cache and {reason}.\n" + _how_to_supply(model, tag)
+        )
+
+
+def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", image_size: int | None = None) -> Backbone:
+    """Build a frozen CLIP backbone from config. The only place models are created."""
+    import open_clip
+
+    register_model_configs()
+    if cfg.model not in open_clip.list_models():
+        raise BackboneError(
+            f"backbone.model: '{cfg.model}' is not an open_clip architecture. "
+            f"Examples: ViT-B-16, ViT-B-32, RN50, ViT-L-14, aape-tiny (see open_clip.list_models())."
+        )
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = _resolve_dtype(cfg.precision, device)
+    pretrained: str | None
+    if cfg.pretrained == RANDOM_INIT:
+        pretrained, weights_id = None, RANDOM_INIT
+        log.warning(RANDOM_INIT_NOTICE)
+    elif Path(cfg.pretrained).expanduser().is_file():
+        path = Path(cfg.pretrained).expanduser().resolve()
+        pretrained, weights_id = str(path), f"file:{path.name}:{_file_digest(path)}"
+    elif any(sep in cfg.pretrained for sep in ("/", "\\")) or cfg.pretrained.endswith((".pt", ".bin", ".safetensors")):
+        raise BackboneError(
+            f"backbone.pretrained: checkpoint file '{cfg.pretrained}' does not exist. "
+            f"Give an existing file, an open_clip tag, or '{RANDOM_INIT}'."
+        )
+    else:
+        check_pretrained_reachable(cfg.model, cfg.pretrained)
+        pretrained, weights_id = cfg.pretrained, f"tag:{cfg.pretrained}"
+    try:
+        model = open_clip.create_model(cfg.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
+    except Exception as exc:  # open_clip raises several types for bad checkpoints
+        raise BackboneError(f"could not build {cfg.model} with weights '{cfg.pretrained}': {exc}") from exc
+    model.eval().requires_grad_(False)
+    if dtype != torch.float32 and device.type == "cuda":
+        model = model.to(dtype)
+    visual = model.visual
+    size = image_size or _image_size(visual)
+    mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    embed_dim = _embed_dim(model)
+    backbone = Backbone(
+        model=model,
+        name=cfg.model,
+        pretrained=cfg.pretrained,
+        identity=f"{cfg.model}@{weights_id}",
+        image_size=size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.exp().item()),
+        tokenizer=open_clip.get_tokenizer(cfg.model),
+        device=device,
+        dtype=dtype if device.type == "cuda" else torch.float32,
+    )
+    backbone.eval_transform = clip_eval_transform(size, mean, std)
+    backbone.train_transform = coop_train_transform(size, mean, std)
+    log.info("backbone %s (d=%d, %dpx) on %s", backbone.identity, embed_dim, size, device)
+    return backbone
+
+
+def _image_size(visual: torch.nn.Module) -> int:
+    size = getattr(visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[-1])
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    return int(model.visual.output_dim)

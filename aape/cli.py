@@ -1,0 +1,195 @@
+"""`aape`: one command line for every stage.
+
+    aape prepare-data | generate-prompts | extract-features | train-aggregator | distill-generator | evaluate
+    aape run            all stages in order, in this process
+    aape predict        classify images with a trained model and any class names
+    aape config show    the validated configuration, defaults filled in
+    aape config check   validate params.yaml (exit 2 with the bad key named)
+
+Every command takes --params FILE and any number of --set key.path=value overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+
+from aape.config import ConfigError, Params, load_params
+from aape.logs import setup_logging
+from aape.stages import STAGES, stage_function
+
+log = logging.getLogger("aape.cli")
+
+_params_option = click.option(
+    "--params",
+    "params_file",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Parameter file (the single source of settings).",
+)
+_set_option = click.option(
+    "--set",
+    "-s",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any key of params.yaml, e.g. -s data.shots=4 -s backbone.pretrained=random-init.",
+)
+_track_option = click.option(
+    "--track/--no-track",
+    default=None,
+    help="Log to MLflow (default: tracking.enabled in params.yaml).",
+)
+
+
+def _load(params_file: str, overrides: tuple[str, ...]) -> Params:
+    try:
+        return load_params(params_file, list(overrides))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _apply_runtime(params: Params) -> None:
+    if params.run.num_threads:
+        import torch
+
+        torch.set_num_threads(params.run.num_threads)
+
+
+def _tracker_context(params: Params, track: bool | None, run_name: str):
+    enabled = params.tracking.enabled if track is None else track
+    if not enabled:
+        return nullcontext(None)
+    from aape.integrations.mlflow_tracking import pipeline_run
+
+    return pipeline_run(params, run_name=run_name)
+
+
+def _run_stages(names: list[str], params: Params, track: bool | None) -> dict:
+    summaries: dict[str, dict] = {}
+    with _tracker_context(params, track, run_name=f"{params.run.name}:{'+'.join(names) if len(names) < 3 else 'pipeline'}") as tracker:
+        for name in names:
+            fn = stage_function(name)
+            if tracker is None:
+                summaries[name] = fn(params)
+            else:
+                with tracker.child(name, tags={"stage": name}) as child:
+                    summaries[name] = fn(params, tracker=child)
+    return summaries
+
+
+def _stage_command(name: str) -> click.Command:
+    module = STAGES[name]
+
+    @click.command(name=name, help=f"Run the '{name}' stage (aape.stages.{module}).")
+    @_params_option
+    @_set_option
+    @_track_option
+    def command(params_file: str, overrides: tuple[str, ...], track: bool | None) -> None:
+        params = _load(params_file, overrides)
+        _apply_runtime(params)
+        summary = _run_stages([name], params, track)[name]
+        _echo_summary(name, summary)
+
+    return command
+
+
+def _echo_summary(name: str, summary: dict) -> None:
+    outputs = summary.get("outputs", [])
+    click.echo(f"[{name}] done" + (f" in {summary['seconds']:.1f}s" if "seconds" in summary else ""))
+    for path in outputs:
+        click.echo(f"  -> {Path(path).resolve()}")
+
+
+class _OrderedGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=os.environ.get("AAPE_LOG_LEVEL", "INFO"), show_default=True)
+def main(log_level: str) -> None:
+    """AAPE: Aggregate-and-Adapt Prompt Embedding for CLIP, stage by stage."""
+    setup_logging(log_level.upper())
+
+
+for _name in STAGES:
+    main.add_command(_stage_command(_name))
+
+
+@main.command("run")
+@_params_option
+@_set_option
+@_track_option
+@click.option("--from", "start", type=click.Choice(list(STAGES)), default=None, help="First stage to run.")
+@click.option("--to", "stop", type=click.Choice(list(STAGES)), default=None, help="Last stage to run.")
+def run_all(params_file: str, overrides: tuple[str, ...], track: bool | None, start: str | None, stop: str | None) -> None:
+    """Run the stages in order in this process (no orchestrator)."""
+    params = _load(params_file, overrides)
+    _apply_runtime(params)
+    names = list(STAGES)
+    names = names[names.index(start) if start else 0 : (names.index(stop) + 1) if stop else None]
+    if not names:
+        raise click.ClickException("--from comes after --to: nothing to run")
+    summaries = _run_stages(names, params, track)
+    for name, summary in summaries.items():
+        _echo_summary(name, summary)
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A generator/seed{S} directory.")
+@click.option("--classes", required=True, help="Class names: comma-separated, or a file with one per line.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--output", "output_csv", type=click.Path(dir_okay=False), default=None, help="Write a CSV instead of printing.")
+@_params_option
+@_set_option
+def predict(images, model_dir, classes, top_k, output_csv, params_file, overrides) -> None:
+    """Classify image files or folders with a trained AAPE model and any class names."""
+    from aape.evaluation.predict import predict_paths, read_class_names, write_or_print
+
+    params = _load(params_file, overrides)
+    _apply_runtime(params)
+    names = read_class_names(classes)
+    predictions = predict_paths([Path(p) for p in images], Path(model_dir), names, params, top_k=top_k)
+    write_or_print(predictions, output_csv)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect and validate the configuration."""
+
+
+@config_group.command("show")
+@_params_option
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print flattened JSON instead of YAML.")
+def config_show(params_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the validated configuration with every default filled in."""
+    import yaml
+
+    params = _load(params_file, overrides)
+    if as_json:
+        click.echo(json.dumps(params.flat(), indent=2))
+    else:
+        click.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+
+
+@config_group.command("check")
+@_params_option
+@_set_option
+def config_check(params_file: str, overrides: tuple[str, ...]) -> None:
+    """Validate params.yaml; exits non-zero naming the bad key and the allowed values."""
+    params = _load(params_file, overrides)
+    click.echo(f"{params_file}: valid (run '{params.run.name}', dataset '{params.data.dataset}', backbone {params.backbone.model}/{params.backbone.pretrained})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

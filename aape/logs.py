@@ -1,0 +1,57 @@
+"""Logging a person can follow: stage banners with timings, delayed progress bars, output lists."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+log = logging.getLogger("aape")
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Idempotent: one stderr handler on the 'aape' logger, timestamps, no duplicate lines."""
+    root = logging.getLogger("aape")
+    root.setLevel(level)
+    if not any(getattr(h, "_aape", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._aape = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+@contextmanager
+def stage(name: str, logger: logging.Logger = log) -> Iterator[dict]:
+    """Banner at start and end of a stage, with its wall time; yields a dict for extra summary lines."""
+    bar = "=" * 72
+    logger.info("%s\n  STAGE %s\n%s", bar, name, bar)
+    summary: dict = {"outputs": []}
+    start = time.perf_counter()
+    try:
+        yield summary
+    except BaseException:
+        logger.error("stage %s FAILED after %.1fs", name, time.perf_counter() - start)
+        raise
+    elapsed = time.perf_counter() - start
+    summary["seconds"] = elapsed
+    for path in summary["outputs"]:
+        logger.info("  output: %s", Path(path).resolve())
+    logger.info("stage %s done in %.1fs", name, elapsed)
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """A progress bar that appears only if the loop lasts more than two seconds."""
+    return iter(tqdm(items, desc=desc, total=total, unit=unit, delay=2.0, dynamic_ncols=True, leave=False))
+
+
+@contextmanager
+def timed(label: str, logger: logging.Logger = log) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.2fs", label, time.perf_counter() - start)

@@ -1,0 +1,73 @@
+"""The tracking interface stages report to. The library never imports a tracking backend:
+callers hand in a `Tracker` (MLflow's lives in `aape.integrations.mlflow_tracking`)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Any:
+        """A context manager yielding a nested Tracker (an MLflow nested run)."""
+        ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing: the default when no tracking is wanted."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator["NullTracker"]:
+        yield self
+
+
+class RecordingTracker(NullTracker):
+    """Keeps what it is told in memory: for tests and for summaries."""
+
+    def __init__(self, name: str = "root") -> None:
+        self.name = name
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[str, float, int | None]] = []
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+        self.children: list[RecordingTracker] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.extend((k, float(v), step) for k, v in metrics.items())
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator["RecordingTracker"]:
+        sub = RecordingTracker(name)
+        sub.tags.update(tags or {})
+        self.children.append(sub)
+        yield sub

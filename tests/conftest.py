@@ -1,0 +1,59 @@
+"""Shared fixtures: offline, CPU-only, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/aape-tests-never-default.db")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from aape.config import Params, load_params  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_ASSETS = SHARED / "assets"
+
+
+def shared_asset(*parts: str) -> Path:
+    """Path to a reference asset in ../shared/assets; skips the test when it is absent."""
+    path = SHARED_ASSETS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference asset {path} not present (../shared is only beside a developer checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """A tiny random CLIP (d=64, 32px), built once per session in well under a second."""
+    from aape.backbone import load_backbone
+    from aape.config import BackboneConfig
+
+    return load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu")
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> Params:
+    """Defaults adjusted for speed: tiny backbone, outputs and cache in a temp dir, no tracking."""
+    return load_params(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'artifacts'}",
+            f"run.cache_dir={tmp_path / 'cache'}",
+            "run.seeds=[1]",
+            "backbone.model=aape-tiny",
+            "backbone.pretrained=random-init",
+            "tracking.enabled=false",
+            "features.num_workers=0",
+            "features.augmented_views=2",
+        ],
+    )
