@@ -1,0 +1,34 @@
+"""Opening image files with errors that name the file and say what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """Bad dataset input (file, split, class list); the message names the culprit."""
+
+
+class UnreadableImageError(DataError):
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"cannot read image {self.path}: {reason}. Fix or remove the file, or set "
+            f"data.skip_unreadable: true to skip such images (they are listed in a skip report)."
+        )
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not later) and return it as RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(path, "file does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from None
