@@ -1,0 +1,71 @@
+"""The backbone factory: real architectures by name, explicit random init, fast failure without weights."""
+
+import time
+
+import pytest
+import torch
+
+from aape.backbone import BackboneError, load_backbone
+from aape.config import BackboneConfig
+
+
+def test_tiny_backbone_builds_fast_and_embeds_normalised(tiny_backbone):
+    assert tiny_backbone.random_init
+    assert tiny_backbone.identity == "aape-tiny@random-init"
+    assert tiny_backbone.embed_dim == 64 and tiny_backbone.image_size == 32
+    text = tiny_backbone.encode_texts(["a photo of a cat.", "a photo of a dog."])
+    images = tiny_backbone.encode_images(torch.randn(3, 3, 32, 32))
+    assert text.shape == (2, 64) and images.shape == (3, 64)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
+
+
+def test_tiny_backbone_build_time():
+    start = time.perf_counter()
+    load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu")
+    assert time.perf_counter() - start < 3.0
+
+
+def test_unreachable_pretrained_weights_fail_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BackboneError) as err:
+        load_backbone(BackboneConfig(model="ViT-B-16", pretrained="openai"), device="cpu")
+    assert time.perf_counter() - start < 10.0
+    message = str(err.value)
+    assert "ViT-B-16/openai" in message
+    assert "backbone.pretrained: /path/to/checkpoint" in message and "random-init" in message
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(BackboneError, match="openai"):
+        load_backbone(BackboneConfig(model="ViT-B-16", pretrained="no-such-tag"), device="cpu")
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    missing = tmp_path / "weights.safetensors"
+    with pytest.raises(BackboneError, match=str(missing)):
+        load_backbone(BackboneConfig(model="aape-tiny", pretrained=str(missing)), device="cpu")
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(BackboneError, match="ViT-Q-99"):
+        load_backbone(BackboneConfig(model="ViT-Q-99", pretrained="random-init"), device="cpu")
+
+
+def test_local_checkpoint_loads_the_same_weights(tmp_path, tiny_backbone):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_backbone.model.state_dict(), path)
+    loaded = load_backbone(BackboneConfig(model="aape-tiny", pretrained=str(path)), device="cpu")
+    assert not loaded.random_init and loaded.identity.startswith("aape-tiny@file:tiny.pt:")
+    texts = ["a photo of a ship."]
+    assert torch.allclose(loaded.encode_texts(texts), tiny_backbone.encode_texts(texts), atol=1e-6)
+
+
+def test_image_size_override_changes_transforms(tiny_backbone):
+    from PIL import Image
+
+    big = load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu", image_size=48)
+    image = Image.new("RGB", (100, 80), (200, 10, 10))
+    assert big.eval_transform(image).shape == (3, 48, 48)
+    assert tiny_backbone.train_transform(image).shape == (3, 32, 32)
