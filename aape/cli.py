@@ -69,7 +69,8 @@ def _tracker_context(params: Params, track: bool | None, run_name: str):
         return nullcontext(None)
     from aape.integrations.mlflow_tracking import pipeline_run
 
-    return pipeline_run(params, run_name=run_name)
+    orchestrator = os.environ.get("AAPE_ORCHESTRATOR", "cli")
+    return pipeline_run(params, run_name=run_name, extra_tags={"orchestrator": orchestrator})
 
 
 def _run_stages(names: list[str], params: Params, track: bool | None) -> dict:

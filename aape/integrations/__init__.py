@@ -1,0 +1,1 @@
+"""Adapters to outside systems (MLflow). The only part of `aape` that imports them."""

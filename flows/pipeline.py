@@ -1,0 +1,111 @@
+"""The AAPE pipeline as a Prefect flow: prepare data, generate prompts, extract features, train the
+aggregator, distil the generator, evaluate; tracked in MLflow, recorded in DVC.
+
+    python -m flows.pipeline                      # run once, locally, with params.yaml
+    prefect deployment run 'aape-pipeline/local'  # through a served deployment (flows/serve.py)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Show the library's own log lines (stage banners, progress, outputs) in the Prefect UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aape")
+
+import json  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from aape.config import Params, load_params  # noqa: E402
+from aape.layout import Layout  # noqa: E402
+from aape.logs import setup_logging  # noqa: E402
+from aape.stages import STAGES  # noqa: E402
+from tasks.dvc_sync import record_outputs_task  # noqa: E402
+from tasks.registry import register_model_task  # noqa: E402
+from tasks.stages import STAGE_TASKS  # noqa: E402
+
+
+def build_overrides(
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+    shots: int | None = None,
+    seeds: list[int] | None = None,
+    backbone: str | None = None,
+    pretrained: str | None = None,
+    llm_source: str | None = None,
+) -> list[str]:
+    """The flow's named parameters are shorthands for params.yaml overrides."""
+    named = {
+        "data.dataset": dataset,
+        "data.shots": shots,
+        "run.seeds": json.dumps(seeds) if seeds is not None else None,
+        "backbone.model": backbone,
+        "backbone.pretrained": pretrained,
+        "prompts.source": llm_source,
+    }
+    return [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
+
+
+def results_markdown(params: Params) -> str:
+    report = Layout.from_params(params).eval / "report.md"
+    if report.exists():
+        return report.read_text()
+    return "_The evaluation stage wrote no report._"
+
+
+def _tracker(params: Params, track: bool | None, run_name: str):
+    if not (params.tracking.enabled if track is None else track):
+        return nullcontext(None)
+    from aape.integrations.mlflow_tracking import pipeline_run
+
+    return pipeline_run(params, run_name=run_name, extra_tags={"orchestrator": "prefect"})
+
+
+@flow(name="aape-pipeline", log_prints=True)
+def pipeline(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+    shots: int | None = None,
+    seeds: list[int] | None = None,
+    backbone: str | None = None,
+    pretrained: str | None = None,
+    llm_source: str | None = None,
+    track: bool | None = None,
+    register: bool = True,
+    record_in_dvc: bool = True,
+) -> dict[str, Any]:
+    """Run every stage in order. Any params.yaml key can be set with `overrides` ("key=value")."""
+    setup_logging()
+    logger = get_run_logger()
+    params = load_params(params_file, build_overrides(overrides, dataset, shots, seeds, backbone, pretrained, llm_source))
+    if params.backbone.random_init:
+        logger.warning("RANDOM-INIT BACKBONE: results of this run say nothing about CLIP or AAPE")
+    summaries: dict[str, Any] = {}
+    with _tracker(params, track, run_name=f"{params.run.name}:{params.data.dataset}") as tracker:
+        for name in STAGES:
+            summaries[name] = STAGE_TASKS[name](name, params, tracker)
+        markdown = results_markdown(params)
+        if tracker is not None:
+            tracker.log_artifact(Layout.from_params(params).eval, "eval")
+            if register:
+                summaries["model"] = register_model_task(params, tracker)
+        summaries["mlflow_run_id"] = getattr(tracker, "run_id", None)
+    create_markdown_artifact(key="aape-results", markdown=markdown, description=f"AAPE results: {params.data.dataset}")
+    if record_in_dvc:
+        summaries["dvc"] = record_outputs_task(params, params_file)
+    report = Layout.from_params(params).eval / "report.md"
+    logger.info("report: %s", report.resolve())
+    return _jsonable(summaries)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+if __name__ == "__main__":
+    pipeline()

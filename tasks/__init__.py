@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers around the library's stage entry points (`aape.stages`)."""
