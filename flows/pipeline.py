@@ -76,7 +76,7 @@ def pipeline(
     pretrained: str | None = None,
     llm_source: str | None = None,
     track: bool | None = None,
-    register: bool = True,
+    register_model: bool = True,
     record_in_dvc: bool = True,
 ) -> dict[str, Any]:
     """Run every stage in order. Any params.yaml key can be set with `overrides` ("key=value")."""
@@ -92,7 +92,7 @@ def pipeline(
         markdown = results_markdown(params)
         if tracker is not None:
             tracker.log_artifact(Layout.from_params(params).eval, "eval")
-            if register:
+            if register_model:
                 summaries["model"] = register_model_task(params, tracker)
         summaries["mlflow_run_id"] = getattr(tracker, "run_id", None)
     create_markdown_artifact(key="aape-results", markdown=markdown, description=f"AAPE results: {params.data.dataset}")

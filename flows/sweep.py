@@ -66,7 +66,7 @@ def sweep(
             dataset=dataset,
             seeds=[seed],
             track=track,
-            register=False,
+            register_model=False,
             record_in_dvc=False,
         )
         metrics = json.loads((Path(out) / "eval" / "metrics.json").read_text())

@@ -1,0 +1,124 @@
+"""The Prefect flows chain the same stage functions as the CLI, in order, with tracking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+prefect = pytest.importorskip("prefect")
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from aape.stages import STAGES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _fake_stages(monkeypatch, calls: list[str]):
+    """Stand-ins that record the call order and write the one file the flow reads (the report)."""
+    import tasks.stages as stage_tasks
+
+    def make(name):
+        def run(params, tracker=None):
+            calls.append(name)
+            if tracker is not None:
+                tracker.log_metrics({f"{name}_ok": 1.0})
+            if name == "evaluate":
+                out = Path(params.run.output_dir) / "eval"
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "report.md").write_text("| method | H |\n|---|---|\n| aape | 1.0 |\n")
+                (out / "metrics.json").write_text(json.dumps({"base2new/aape/H_mean": 1.0}))
+            return {"outputs": [], "stage": name}
+
+        return run
+
+    monkeypatch.setattr(stage_tasks, "stage_function", make)
+
+
+def test_named_parameters_become_overrides():
+    from flows.pipeline import build_overrides
+
+    assert build_overrides(["a.b=1"], dataset="eurosat", shots=4, seeds=[1, 2], pretrained="random-init") == [
+        "data.dataset=eurosat",
+        "data.shots=4",
+        "run.seeds=[1, 2]",
+        "backbone.pretrained=random-init",
+        "a.b=1",
+    ]
+
+
+def test_pipeline_flow_runs_every_stage_in_order_under_one_mlflow_parent(prefect_server, monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    db = tmp_path / "mlflow.db"
+    result = pipeline(
+        params_file=str(Path(__file__).resolve().parents[1] / "params.yaml"),
+        overrides=[
+            f"run.output_dir={tmp_path / 'artifacts'}",
+            f"tracking.uri=sqlite:///{db}",
+            f"tracking.artifact_location={tmp_path / 'mlartifacts'}",
+        ],
+        register_model=False,
+        record_in_dvc=False,
+    )
+    assert calls == list(STAGES)
+    assert [result[name]["stage"] for name in STAGES] == list(STAGES)
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("aape")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_id == result["mlflow_run_id"]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert all(r.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"] for r in children)
+    assert parents[0].data.tags["random_init"] == "true"  # params.yaml's demo uses random weights
+    assert parents[0].data.params["data.dataset"] == "demo-mnist"
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_failed_stage_fails_the_flow_and_marks_the_run_failed(prefect_server, monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import tasks.stages as stage_tasks
+    from flows.pipeline import pipeline
+
+    def broken(name):
+        def run(params, tracker=None):
+            if name == "extract-features":
+                raise RuntimeError("corrupt image data/x.png")
+            return {"outputs": []}
+
+        return run
+
+    monkeypatch.setattr(stage_tasks, "stage_function", broken)
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(RuntimeError, match="corrupt image"):
+        pipeline(
+            overrides=[f"run.output_dir={tmp_path / 'a'}", f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'm'}"],
+            params_file=str(Path(__file__).resolve().parents[1] / "params.yaml"),
+            register_model=False,
+            record_in_dvc=False,
+        )
+    runs = MlflowClient(f"sqlite:///{db}").search_runs([MlflowClient(f"sqlite:///{db}").get_experiment_by_name("aape").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["extract-features"] == "FAILED"
+    assert "train-aggregator" not in status
+
+
+def test_sweep_summary_table_has_mean_and_std():
+    from flows.sweep import summarise
+
+    cells = [
+        {"dataset": "eurosat", "variant": "attention", "seed": s, "metrics": {"H": h}} for s, h in [(1, 70.0), (2, 72.0)]
+    ]
+    table = summarise(cells)
+    assert "| eurosat | attention | 2 | 71.00 ± 1.41 |" in table
