@@ -180,6 +180,15 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(256, ge=1)
     confusion_max_classes: int = Field(50, ge=2)
     attention_examples: int = Field(4, ge=0)
+    linear_probe_c_grid: list[float] = Field(
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0],
+        min_length=1,
+        description="inverse L2 strengths tried for the linear probe; the best on validation is kept",
+    )
+    shots_results: list[str] = Field(
+        default_factory=list,
+        description="results.parquet files (globs) of runs with other data.shots, for the accuracy-vs-shots plot",
+    )
 
 
 class TrackingConfig(_Section):
