@@ -89,3 +89,15 @@ def test_flat_and_fingerprint():
     assert a.flat()["data.shots"] == 16
     assert a.fingerprint("backbone") == b.fingerprint("backbone")
     assert a.fingerprint("data") != b.fingerprint("data")
+
+
+def test_readme_documents_every_configuration_key():
+    readme = (REPO / "README.md").read_text()
+    missing = []
+    for dotted in Params().flat():
+        section, *rest = dotted.split(".")
+        leaf = rest[-1]
+        # keys are listed either in full or as a leaf of a `section.*` / `section.sub.*` row
+        if dotted not in readme and f"`{leaf}`" not in readme:
+            missing.append(dotted)
+    assert not missing, f"README's configuration reference lacks: {missing}"
