@@ -213,10 +213,10 @@ def load_bundle(layout: Layout, seed: int) -> FeatureBundle:
     """Load the cached features of one seed (plus the shared test and text features)."""
     index = read_index(layout)
     train_path, val_path, test_path = (split_file(layout, s, seed) for s in ("train", "val", "test"))
-    if not train_path.is_file():
-        seeds = index.get("seeds", [])
+    seeds = index.get("seeds", [])
+    if seed not in seeds or not train_path.is_file():
         raise FeatureError(
-            f"no features for seed {seed} ({train_path} is missing; features exist for seeds {seeds}). "
+            f"no features for seed {seed} in {layout.features} (the last extraction covered seeds {seeds}). "
             f"Add the seed to run.seeds and run `aape extract-features`."
         )
     train = read_tensors(train_path, ("views", "clean", "labels"))

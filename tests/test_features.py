@@ -1,0 +1,370 @@
+"""Frozen-feature extraction and its cache: correct values, no repeated work, safe partial writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from aape.data.images import UnreadableImageError, open_image
+from aape.features import FeatureError, image_features, load_bundle, text_features
+from aape.features import bundle as bundle_mod
+from aape.features.cache import CacheEntry
+from aape.features.image_encoder import CLEAN, view_entry
+from aape.features.text_encoder import class_template_features
+from aape.layout import Layout
+from aape.stages import extract_features
+
+from conftest import shared_asset
+
+CLASSNAMES = ["apple", "boat", "cloud"]
+
+
+# fixtures and helpers -------------------------------------------------------------------------
+
+
+def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _manifest(paths: list[str]) -> pd.DataFrame:
+    labels = [CLASSNAMES.index(p.split("/")[0]) for p in paths]
+    return pd.DataFrame({"path": paths, "label": labels, "classname": [CLASSNAMES[i] for i in labels]})
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Five PNGs per class under <tmp>/images/<class>/."""
+    root = tmp_path / "images"
+    for c, name in enumerate(CLASSNAMES):
+        for i in range(5):
+            _write_image(root / name / f"{i}.png", seed=10 * c + i, size=(40 + i, 36))
+    return root
+
+
+def _rel_paths(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+
+
+@pytest.fixture
+def run_params(tiny_params, image_dir: Path):
+    """A prepared run (classes.json, manifests, descriptions) for the tiny backbone, seeds [1]."""
+    layout = Layout.from_params(tiny_params)
+    layout.data.mkdir(parents=True)
+    classes = {"dataset": "toy", "image_root": str(image_dir), "classnames": CLASSNAMES, "seeds": [1]}
+    layout.classes_file.write_text(json.dumps(classes))
+    paths = _rel_paths(image_dir)
+    _manifest([p for p in paths if p.split("/")[1] in ("3.png", "4.png")]).to_parquet(layout.split_manifest("test"))
+    for split, names in (("train", ("0.png", "1.png")), ("val", ("2.png",))):
+        target = layout.fewshot_manifest(1, split)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _manifest([p for p in paths if p.split("/")[1] in names]).to_parquet(target)
+    layout.prompts.mkdir(parents=True)
+    texts = [(2, "white and fluffy in the sky"), (0, "a round red fruit"), (1, "floats on water"), (0, "grows on trees")]
+    pd.DataFrame(
+        {"dataset": "toy", "class_index": [c for c, _ in texts], "class_name": [CLASSNAMES[c] for c, _ in texts], "text": [t for _, t in texts]}
+    ).to_parquet(layout.descriptions)
+    return tiny_params
+
+
+class EncodeCounter:
+    """Wraps the backbone's encoders and counts images and texts that go through them."""
+
+    def __init__(self, backbone, monkeypatch) -> None:
+        self.images = 0
+        self.texts = 0
+        encode_images, encode_texts = backbone.encode_images, backbone.encode_texts
+
+        def counting_images(pixels):
+            self.images += len(pixels)
+            return encode_images(pixels)
+
+        def counting_texts(texts):
+            self.texts += len(texts)
+            return encode_texts(texts)
+
+        monkeypatch.setattr(backbone, "encode_images", counting_images)
+        monkeypatch.setattr(backbone, "encode_texts", counting_texts)
+
+    def reset(self) -> None:
+        self.images = self.texts = 0
+
+
+@pytest.fixture
+def counter(tiny_backbone, monkeypatch) -> EncodeCounter:
+    return EncodeCounter(tiny_backbone, monkeypatch)
+
+
+@pytest.fixture
+def stage_backbone(tiny_backbone, monkeypatch):
+    """The stage builds its backbone itself; give it the session's tiny one (fixed random weights)."""
+    monkeypatch.setattr(extract_features, "load_backbone", lambda *args, **kwargs: tiny_backbone)
+    return tiny_backbone
+
+
+def _reference_clean(backbone, root: Path, rel_paths: list[str]) -> torch.Tensor:
+    pixels = torch.stack([backbone.eval_transform(open_image(root / p)) for p in rel_paths])
+    return backbone.encode_images(pixels)
+
+
+# image features ---------------------------------------------------------------------------------
+
+
+def test_cached_image_features_equal_freshly_computed_ones(tiny_backbone, image_dir, tmp_path, counter):
+    paths = _rel_paths(image_dir)
+    first = image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    assert counter.images == len(paths) and first.encoded == len(paths) and first.reused == 0
+    counter.reset()
+    second = image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    assert counter.images == 0 and second.encoded == 0 and second.reused == len(paths)
+    expected = _reference_clean(tiny_backbone, image_dir, paths)
+    assert torch.allclose(first.features, expected, atol=1e-5)
+    assert torch.equal(second.features, first.features)
+    assert torch.equal(second.rows, torch.arange(len(paths)))
+    assert torch.allclose(second.features.norm(dim=-1), torch.ones(len(paths)), atol=1e-5)
+
+
+def test_real_cifar_jpegs_encode_like_the_backbone(tiny_backbone, tmp_path):
+    source = shared_asset("images", "cifar10_test")
+    root = tmp_path / "cifar"
+    rel_paths = []
+    for name in ("airplane", "cat", "ship"):
+        for jpg in sorted((source / name).glob("*.jpg"))[:3]:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(jpg, root / name / jpg.name)
+            rel_paths.append(f"{name}/{jpg.name}")
+    result = image_features(tiny_backbone, root, rel_paths, tmp_path / "cache", batch_size=4)
+    assert torch.allclose(result.features, _reference_clean(tiny_backbone, root, rel_paths), atol=1e-5)
+
+
+def test_views_are_deterministic_across_worker_counts_and_differ_from_each_other(tiny_backbone, image_dir, tmp_path):
+    paths = _rel_paths(image_dir)[:6]
+    in_process = image_features(tiny_backbone, image_dir, paths, tmp_path / "a", views=3, aug_seed=1, batch_size=4)
+    in_workers = image_features(tiny_backbone, image_dir, paths, tmp_path / "b", views=3, aug_seed=1, batch_size=5, num_workers=2)
+    assert in_process.features.shape == (6, 3, tiny_backbone.embed_dim)
+    assert torch.allclose(in_process.features, in_workers.features, atol=1e-6)
+    views = in_process.features
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not torch.allclose(views[:, a], views[:, b], atol=1e-3), f"views {a} and {b} are identical"
+    other_seed = image_features(tiny_backbone, image_dir, paths, tmp_path / "a", views=3, aug_seed=2)
+    assert not torch.allclose(other_seed.features, views, atol=1e-3)
+    # a view of an image does not depend on which other images are in the manifest or their order
+    reordered = image_features(tiny_backbone, image_dir, paths[::-1][:3], tmp_path / "c", views=3, aug_seed=1)
+    assert torch.allclose(reordered.features, views.flip(0)[:3], atol=1e-6)
+
+
+def test_more_views_encode_only_the_new_views(tiny_backbone, image_dir, tmp_path, counter):
+    paths = _rel_paths(image_dir)
+    cache = tmp_path / "cache"
+    two = image_features(tiny_backbone, image_dir, paths, cache, views=2, aug_seed=1)
+    image_features(tiny_backbone, image_dir, paths, cache)  # the clean view, a separate entry
+    counter.reset()
+    three = image_features(tiny_backbone, image_dir, paths, cache, views=3, aug_seed=1)
+    assert counter.images == len(paths), "only view 2 should be encoded"
+    assert torch.equal(three.features[:, :2], two.features)
+    counter.reset()
+    image_features(tiny_backbone, image_dir, paths, cache)
+    assert counter.images == 0, "the clean view must not be re-encoded because views changed"
+
+
+def test_a_changed_image_file_re_encodes_only_that_image(tiny_backbone, image_dir, tmp_path, counter):
+    paths = _rel_paths(image_dir)
+    before = image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    _write_image(image_dir / paths[4], seed=999, size=(50, 50))
+    counter.reset()
+    after = image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    assert counter.images == 1
+    assert torch.allclose(after.features[4], _reference_clean(tiny_backbone, image_dir, [paths[4]])[0], atol=1e-5)
+    assert not torch.allclose(after.features[4], before.features[4], atol=1e-3)
+    unchanged = [i for i in range(len(paths)) if i != 4]
+    assert torch.equal(after.features[unchanged], before.features[unchanged])
+
+
+def test_a_different_backbone_does_not_reuse_the_cache(tiny_backbone, image_dir, tmp_path):
+    from aape.backbone import load_backbone
+    from aape.config import BackboneConfig
+
+    other = load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu")
+    paths = _rel_paths(image_dir)[:3]
+    image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    result = image_features(other, image_dir, paths, tmp_path / "cache")
+    assert result.encoded == 3, "fresh random weights are another backbone"
+    assert torch.allclose(result.features, _reference_clean(other, image_dir, paths), atol=1e-5)
+
+
+# interrupted and corrupt cache entries -----------------------------------------------------------
+
+
+def test_interrupted_entry_write_is_not_taken_as_complete(tiny_backbone, image_dir, tmp_path, counter, monkeypatch):
+    paths = _rel_paths(image_dir)
+    cache = tmp_path / "cache"
+    from aape.features import cache as cache_mod
+
+    real_save = cache_mod.atomic_save_tensors
+
+    def crash_after_writing(path, tensors, metadata):
+        real_save(path, tensors, metadata)  # the data is fully on disk ...
+        raise KeyboardInterrupt  # ... but the run dies before the completion marker
+
+    monkeypatch.setattr(cache_mod, "atomic_save_tensors", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        image_features(tiny_backbone, image_dir, paths, cache)
+    monkeypatch.setattr(cache_mod, "atomic_save_tensors", real_save)
+    entry = view_entry(tiny_backbone, paths, cache, CLEAN)
+    assert entry.data_path.exists() and not entry.is_complete()
+    counter.reset()
+    result = image_features(tiny_backbone, image_dir, paths, cache)
+    assert counter.images == len(paths), "a partial entry must be recomputed"
+    assert entry.is_complete()
+    assert torch.allclose(result.features, _reference_clean(tiny_backbone, image_dir, paths), atol=1e-5)
+
+
+def test_crash_while_writing_data_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
+    entry = CacheEntry(tmp_path, "texts", {"what": "test"})
+
+    def dies_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        entry.save({"features": torch.ones(2, 3)}, {})
+    assert not entry.data_path.exists() and not entry.is_complete()
+    assert not list(entry.dir.glob("*.tmp")), "temporary files are cleaned up"
+
+
+def test_corrupted_data_file_is_detected_and_recomputed(tiny_backbone, tmp_path, counter):
+    texts = ["a photo of a boat.", "a photo of a cloud."]
+    first = text_features(tiny_backbone, texts, tmp_path)
+    entry = next((tmp_path / "features").glob("texts-*"))
+    data = entry / "features.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-4:] = b"\x00\x00\x80\x7f"  # same size, different bytes
+    data.write_bytes(bytes(raw))
+    counter.reset()
+    again = text_features(tiny_backbone, texts, tmp_path)
+    assert counter.texts == 2
+    assert torch.equal(again, first)
+
+
+# unreadable images ------------------------------------------------------------------------------
+
+
+def test_corrupt_image_stops_with_its_path_and_keeps_the_work_done(tiny_backbone, image_dir, tmp_path, counter):
+    paths = _rel_paths(image_dir)
+    broken = image_dir / paths[2]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UnreadableImageError) as err:
+        image_features(tiny_backbone, image_dir, paths, tmp_path / "cache")
+    assert str(broken) in str(err.value) and "skip_unreadable" in str(err.value)
+    counter.reset()
+    skipped = image_features(tiny_backbone, image_dir, paths, tmp_path / "cache", skip_unreadable=True)
+    assert counter.images == 0, "the readable images were cached before stopping"
+    assert [s.path for s in skipped.skipped] == [str(broken)]
+    assert skipped.rows.tolist() == [i for i in range(len(paths)) if i != 2]
+    kept = [p for i, p in enumerate(paths) if i != 2]
+    assert torch.allclose(skipped.features, _reference_clean(tiny_backbone, image_dir, kept), atol=1e-5)
+
+
+def test_stage_skips_unreadable_images_and_keeps_labels_aligned(run_params, stage_backbone, image_dir):
+    layout = Layout.from_params(run_params)
+    test_paths = pd.read_parquet(layout.split_manifest("test"))["path"].tolist()
+    (image_dir / test_paths[1]).unlink()
+    with pytest.raises(UnreadableImageError, match=str(image_dir / test_paths[1])):
+        extract_features.run(run_params)
+    run_params.data.skip_unreadable = True
+    summary = extract_features.run(run_params)
+    assert summary["skipped_images"] == 1
+    bundle = load_bundle(layout, 1)
+    manifest = pd.read_parquet(layout.split_manifest("test"))
+    assert bundle.test_rows.tolist() == [i for i in range(len(manifest)) if i != 1]
+    assert bundle.test_labels.tolist() == manifest["label"].iloc[bundle.test_rows.numpy()].tolist()
+    report = json.loads((layout.features / "skipped.json").read_text())
+    assert report == [{"split": "test", "seed": None, "row": 1, "path": str(image_dir / test_paths[1]), "reason": "file does not exist"}]
+
+
+# text features ----------------------------------------------------------------------------------
+
+
+def test_text_features_match_the_backbone_and_are_cached(tiny_backbone, tmp_path, counter):
+    texts = [f"a photo of a {c}." for c in CLASSNAMES] + ["something else entirely"]
+    feats = text_features(tiny_backbone, texts, tmp_path, batch_size=2)
+    assert counter.texts == len(texts)
+    assert torch.allclose(feats, tiny_backbone.encode_texts(texts), atol=1e-5)
+    counter.reset()
+    assert torch.equal(text_features(tiny_backbone, texts, tmp_path), feats) and counter.texts == 0
+
+
+def test_template_ensemble_is_the_normalised_mean(tiny_backbone, tmp_path):
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    ensemble = class_template_features(tiny_backbone, CLASSNAMES, templates, tmp_path)
+    for c, name in enumerate(CLASSNAMES):
+        each = tiny_backbone.encode_texts([t.format(name) for t in templates])
+        expected = torch.nn.functional.normalize(each.mean(dim=0), dim=-1)
+        assert torch.allclose(ensemble[c], expected, atol=1e-5)
+
+
+# the stage and the bundle -----------------------------------------------------------------------
+
+
+def test_stage_writes_the_bundle_and_a_rerun_encodes_nothing(run_params, stage_backbone, counter, image_dir):
+    layout = Layout.from_params(run_params)
+    first = extract_features.run(run_params)
+    assert first["images_encoded"] > 0 and first["random_init"] is True
+    bundle = load_bundle(layout, 1)
+    train = pd.read_parquet(layout.fewshot_manifest(1, "train"))
+    val = pd.read_parquet(layout.fewshot_manifest(1, "val"))
+    d = stage_backbone.embed_dim
+    assert bundle.train_views.shape == (len(train), 2, d) and bundle.train_clean.shape == (len(train), d)
+    assert bundle.train_labels.tolist() == train["label"].tolist() and bundle.val_labels.tolist() == val["label"].tolist()
+    assert torch.allclose(bundle.train_clean, _reference_clean(stage_backbone, image_dir, train["path"].tolist()), atol=1e-5)
+    assert torch.allclose(bundle.class_prompts, stage_backbone.encode_texts([f"a photo of a {c}." for c in CLASSNAMES]), atol=1e-5)
+    descriptions = pd.read_parquet(layout.descriptions)
+    assert bundle.description_class.tolist() == descriptions["class_index"].tolist()
+    assert torch.allclose(bundle.descriptions, stage_backbone.encode_texts(descriptions["text"].tolist()), atol=1e-5)
+    assert bundle.class_ensemble.shape == (3, d) and bundle.classnames == CLASSNAMES
+    assert bundle.random_init and bundle.identity == stage_backbone.identity and bundle.embed_dim == d
+    assert bundle.logit_scale == pytest.approx(stage_backbone.logit_scale)
+    index = json.loads((layout.features / "index.json").read_text())
+    assert index["random_init"] is True and "RANDOM-INIT" in index["notice"]
+    assert set(index["files"]) == {"test.safetensors", "seed1/train.safetensors", "seed1/val.safetensors", "text.safetensors"}
+
+    counter.reset()
+    second = extract_features.run(run_params)
+    assert counter.images == 0 and counter.texts == 0
+    assert second["images_encoded"] == 0 and second["texts_encoded"] == 0
+    again = load_bundle(layout, 1)
+    assert torch.equal(again.train_views, bundle.train_views) and torch.equal(again.test_features, bundle.test_features)
+
+    run_params.features.augmented_views = 3
+    counter.reset()
+    extract_features.run(run_params)
+    assert counter.images == len(train), "only the third view of the training images is new"
+    assert counter.texts == 0
+
+
+def test_load_bundle_names_what_is_missing(run_params, stage_backbone):
+    layout = Layout.from_params(run_params)
+    with pytest.raises(FeatureError, match="index.json is missing"):
+        load_bundle(layout, 1)
+    extract_features.run(run_params)
+    with pytest.raises(FeatureError, match="seed 2"):
+        load_bundle(layout, 2)
+    index = json.loads((layout.features / "index.json").read_text())
+    index["identity"] = "ViT-B-16@tag:openai"
+    (layout.features / "index.json").write_text(json.dumps(index))
+    with pytest.raises(FeatureError, match="mixes two runs"):
+        load_bundle(layout, 1)
+
+
+def test_stage_reports_missing_inputs(tiny_params, stage_backbone):
+    with pytest.raises(FeatureError, match="prepare-data"):
+        extract_features.run(tiny_params)
