@@ -1,0 +1,115 @@
+"""The report a person reads and the figures beside it, from synthetic results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from aape.config import EVAL_METHODS
+from aape.evaluation import plots
+from aape.evaluation.metrics import MeanStd
+from aape.evaluation.report import RANDOM_INIT_WARNING, ReportContext, render_report
+
+
+def _summary(protocol="base2new", dataset="eurosat"):
+    summary = {}
+    for i, method in enumerate(EVAL_METHODS):
+        if protocol == "base2new":
+            new = MeanStd(float("nan"), float("nan"), 0) if method == "linear-probe" else MeanStd(60.0 + i, 0.5, 3)
+            summary[(protocol, dataset, method)] = {"base_accuracy": MeanStd(70.0 + i, 1.0, 3), "new_accuracy": new,
+                                                    "H": MeanStd(65.0 + i, 0.7, 3)}
+        else:
+            summary[(protocol, dataset, method)] = {"accuracy": MeanStd(50.0 + i, 2.0, 3)}
+    return summary
+
+
+def _context(**overrides):
+    values = dict(dataset="eurosat", protocol="base2new", shots=16, seeds=[1, 2, 3], backbone_model="ViT-B-32",
+                  pretrained="random-init", identity="ViT-B-32@random-init", random_init=True,
+                  methods=list(EVAL_METHODS), summary=_summary(),
+                  notes={("base2new", "eurosat", "linear-probe", "new"): "a linear probe has no weights for the 5 class(es) it never saw in training"})
+    values.update(overrides)
+    return ReportContext(**values)
+
+
+def test_random_weights_are_announced_in_bold_before_anything_else():
+    text = render_report(_context())
+    assert text.startswith(RANDOM_INIT_WARNING) and text.startswith("**RANDOM-INIT")
+    trained = render_report(_context(random_init=False, pretrained="laion2b_s34b_b79k", identity="x"))
+    assert "RANDOM-INIT" not in trained
+
+
+def test_base_to_new_table_has_every_method_with_base_new_h():
+    text = render_report(_context())
+    assert "| Method | Base | New | H |" in text
+    for title in ("CLIP zero-shot", "template ensemble", "CuPL", "Linear probe", "AAPE without distillation", "| AAPE |"):
+        assert title in text
+    assert "| AAPE | 75.00 ± 1.00 | 65.00 ± 0.50 | 70.00 ± 0.70 |" in text
+    assert "| Linear probe (same shots) | 73.00 ± 1.00 | n/a |" in text
+    assert "never saw in training" in text  # why it is n/a
+
+
+def test_reference_numbers_only_beside_vit_b16_openai():
+    other = render_report(_context())
+    assert "80.97" not in other and "not shown" in other
+    paper = render_report(_context(backbone_model="ViT-B-16", pretrained="openai", random_init=False))
+    assert "paper H*" in paper and "80.97" in paper and "71.70" in paper
+    aape_row = next(line for line in paper.splitlines() if line.startswith("| AAPE |"))
+    assert aape_row.endswith("| > 84 | > 76 | 80.97 |")
+
+
+def test_fewshot_and_transfer_tables():
+    summary = _summary("fewshot")
+    summary[("cross-dataset", "dtd", "aape")] = {"accuracy": MeanStd(41.0, 1.5, 3)}
+    summary[("cross-dataset", "dtd", "zeroshot")] = {"accuracy": MeanStd(40.0, 0.0, 3)}
+    summary[("cross-dataset", "eurosat", "aape")] = {"accuracy": MeanStd(30.0, 1.0, 3)}
+    text = render_report(_context(protocol="fewshot", summary=summary, notes={}))
+    assert "| Method | Accuracy |" in text and "| AAPE | 55.00 ± 2.00 |" in text
+    assert "## Cross-dataset transfer" in text and "| Method | dtd | eurosat |" in text
+    assert "| AAPE | 41.00 ± 1.50 | 30.00 ± 1.00 |" in text
+    assert "## Domain shift" not in text
+
+
+def test_plots_are_listed_with_relative_links():
+    text = render_report(_context(plots=[("Confusion matrix: AAPE", "plots/confusion_aape_base.png")]))
+    assert "![Confusion matrix: AAPE](plots/confusion_aape_base.png)" in text
+
+
+def _png(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_accuracy_vs_shots_says_when_there_is_no_curve(tmp_path):
+    single = pd.DataFrame({"method": ["aape", "zeroshot"], "shots": [16, 16], "mean": [70.0, 60.0], "std": [1.0, 0.0]})
+    path, remark = plots.accuracy_vs_shots(single, "H (%)", tmp_path / "shots.png", "eurosat")
+    assert _png(path)[0] > 100 and "only 16 shots" in remark
+    curve = pd.DataFrame({"method": ["aape"] * 3, "shots": [1, 4, 16], "mean": [50.0, 60.0, 70.0], "std": [1.0] * 3})
+    _, remark = plots.accuracy_vs_shots(curve, "H (%)", tmp_path / "curve.png", "eurosat")
+    assert "3 shot counts: 1, 4, 16" in remark
+
+
+def test_per_class_bars_and_confusion(tmp_path):
+    per_class = pd.DataFrame({
+        "method": ["zeroshot", "aape"] * 3, "class_name": ["a", "a", "b", "b", "c", "c"],
+        "accuracy": [10.0, 90.0, 50.0, 60.0, 70.0, 20.0],
+    })
+    assert _png(plots.per_class_bars(per_class, ["zeroshot", "aape"], tmp_path / "bars.png", "t"))[1] > 100
+    matrix = np.diag([5, 4, 3]) + np.array([[0, 1, 0], [0, 0, 2], [0, 0, 0]])
+    path, remark = plots.confusion(matrix, ["a", "b", "c"], tmp_path / "cm.png", "t", max_classes=50)
+    assert remark == "" and _png(path)[0] > 100
+    big = np.eye(60, dtype=int) * 5
+    big[3, 4] = big[10, 2] = 7
+    _, remark = plots.confusion(big, [f"c{i}" for i in range(60)], tmp_path / "cm_big.png", "t", max_classes=10)
+    assert "10 most-confused of 60" in remark
+
+
+def test_attention_figure(tmp_path):
+    weights = np.random.default_rng(0).dirichlet(np.ones(7), size=3)
+    path = plots.attention_over_descriptions(weights, [f"description {i}" for i in range(7)], ["img a", "img b", "img c"],
+                                             tmp_path / "att.png", "attention")
+    assert _png(path)[0] > 100
+    with pytest.raises(ValueError, match="3x7 but there are 1 image labels and 1 descriptions"):
+        plots.attention_over_descriptions(weights, ["too few"], ["img"], tmp_path / "bad.png", "attention")
