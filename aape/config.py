@@ -72,8 +72,11 @@ class OpenAIEndpointConfig(_Section):
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(8, ge=1, le=1024)
     timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    retry_budget_s: float = Field(300.0, gt=0)
+    max_retries: int = Field(6, ge=0, description="retries per request (429, 5xx, timeout, malformed or empty reply)")
+    retry_budget_s: float = Field(
+        300.0, gt=0, description="wall-clock seconds the whole run may spend waiting to retry (overlapping waits count once)"
+    )
+    backoff_s: float = Field(0.5, gt=0, description="first retry delay without Retry-After; doubles per retry (jittered, max 30 s)")
     price_per_1k_input_tokens: float = Field(0.0, ge=0)
     price_per_1k_output_tokens: float = Field(0.0, ge=0)
 
@@ -93,6 +96,7 @@ class PromptsConfig(_Section):
     temperature: float = Field(0.99, ge=0, le=2)
     max_tokens: int = Field(50, ge=1)
     min_per_class: int = Field(1, ge=1)
+    trim_truncated: bool = Field(True, description="cut an answer stopped by max_tokens after its last full sentence")
     openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
     local: LocalLLMConfig = Field(default_factory=LocalLLMConfig)
 
