@@ -1,0 +1,217 @@
+"""The two training problems on cached features, independent of files and stages.
+
+- `train_aggregator`: maximise the CLIP reward s·max(cos(x, p^a), 0) over the training images'
+  views; select the epoch on the validation reward. `compute_summaries` then gives p^a for every
+  training image and view.
+- `train_generator`: minimise λ·‖h(x) − p^a‖² + CE(logit_scale·cos(x, w_i(x)), y) with p^a fixed
+  (stop-gradient); select the epoch on validation accuracy. λ = 0 drops the first term entirely,
+  i.e. plain task training that never looks at p^a.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.nn import functional as F
+
+from aape.config import ScheduleConfig
+from aape.logs import progress
+from aape.method.aggregator import Aggregator, clip_reward
+from aape.method.descriptions import DescriptionBank
+from aape.method.model import AAPEModel
+from aape.method.training import FitResult, fit
+from aape.tracking import Tracker
+
+CHUNK = 512  # images per forward pass outside training (bounds the [chunk, n, d] description gather)
+
+
+@dataclass
+class TrainingSet:
+    """Cached features of one seed, labels already local (positions in the training classes)."""
+
+    views: torch.Tensor  # [N, V, d]
+    labels: torch.Tensor  # [N] local
+    val_features: torch.Tensor  # [Nv, d]
+    val_labels: torch.Tensor  # [Nv] local
+
+    def to(self, device: torch.device | str) -> "TrainingSet":
+        return TrainingSet(*(t.to(device) for t in (self.views, self.labels, self.val_features, self.val_labels)))
+
+    @property
+    def num_items(self) -> int:
+        return int(self.views.shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.views.shape[1])
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw parameter initialisations from `seed` without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+# aggregator ------------------------------------------------------------------------------------
+
+
+class RewardObjective:
+    def __init__(self, data: TrainingSet, bank: DescriptionBank, scale: float) -> None:
+        self.data, self.bank, self.scale = data, bank, scale
+
+    def loss(self, model: Aggregator, items: torch.Tensor, views: torch.Tensor):
+        items, views = items.to(self.data.views.device), views.to(self.data.views.device)
+        x = self.data.views[items, views]
+        summary = model.summarize(x, self.bank, self.data.labels[items])
+        reward = clip_reward(x, summary, self.scale)
+        cos = F.cosine_similarity(x, summary, dim=-1)
+        return -reward.mean(), {"reward": reward.mean().detach(), "cos": cos.mean().detach()}
+
+    def validate(self, model: Aggregator) -> dict[str, float]:
+        x, labels = self.data.val_features, self.data.val_labels
+        if len(x) == 0:
+            return {"val_reward": float("nan"), "val_cos": float("nan")}
+        reward_sum = cos_sum = 0.0
+        for part in _chunks(len(x)):
+            summary = model.summarize(x[part], self.bank, labels[part])
+            reward_sum += float(clip_reward(x[part], summary, self.scale).sum())
+            cos_sum += float(F.cosine_similarity(x[part], summary, dim=-1).sum())
+        return {"val_reward": reward_sum / len(x), "val_cos": cos_sum / len(x)}
+
+    def selection_key(self, figures: dict[str, float]) -> tuple[float, ...]:
+        value = figures["val_reward"]
+        return (value if value == value else 0.0,)  # NaN (no validation images): all tie, the last epoch wins
+
+
+def train_aggregator(
+    aggregator: Aggregator,
+    data: TrainingSet,
+    bank: DescriptionBank,
+    schedule: ScheduleConfig,
+    epochs: int,
+    seed: int,
+    reward_scale: float = 2.5,
+    resume_path: Path | None = None,
+    fingerprint: str = "",
+    tracker: Tracker | None = None,
+) -> FitResult:
+    """Train with the CLIP reward; the aggregator ends holding its best-validation weights."""
+    result = fit(
+        aggregator,
+        RewardObjective(data, bank, reward_scale),
+        n_items=data.num_items,
+        n_views=data.num_views,
+        schedule=schedule,
+        epochs=epochs,
+        seed=seed,
+        name="aggregator",
+        resume_path=resume_path,
+        fingerprint=fingerprint,
+        tracker=tracker,
+    )
+    aggregator.load_state_dict(result.best_state)
+    return result
+
+
+@torch.no_grad()
+def compute_summaries(
+    aggregator: Aggregator, views: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, bank: DescriptionBank
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p^a for every training image and view [N, V, d], and for the clean view [N, d]."""
+    aggregator.eval()
+    N, V, d = views.shape
+    flat_x = torch.cat([views.reshape(N * V, d), clean])
+    flat_labels = torch.cat([labels.repeat_interleave(V), labels])
+    out = torch.empty_like(flat_x)
+    for part in progress(_chunks(len(flat_x)), desc="summaries", unit="chunk"):
+        out[part] = aggregator.summarize(flat_x[part], bank, flat_labels[part])
+    return out[: N * V].reshape(N, V, d), out[N * V :]
+
+
+# generator -------------------------------------------------------------------------------------
+
+
+class DistillObjective:
+    def __init__(self, data: TrainingSet, class_text: torch.Tensor, summaries: torch.Tensor | None, lambda_distill: float) -> None:
+        if lambda_distill > 0 and summaries is None:
+            raise ValueError("generator.lambda_distill > 0 needs the aggregator's summaries; run `aape train-aggregator` first")
+        if summaries is not None and summaries.shape != data.views.shape:
+            raise ValueError(
+                f"summaries have shape {tuple(summaries.shape)} but the training views {tuple(data.views.shape)}: "
+                f"they come from different feature runs. Re-run `aape train-aggregator`."
+            )
+        self.data, self.class_text, self.summaries, self.lam = data, class_text, summaries, lambda_distill
+
+    def loss(self, model: AAPEModel, items: torch.Tensor, views: torch.Tensor):
+        items, views = items.to(self.data.views.device), views.to(self.data.views.device)
+        x, y = self.data.views[items, views], self.data.labels[items]
+        logits, prompt = model.logits_and_prompt(x, model.class_part(self.class_text))
+        ce = F.cross_entropy(logits, y)
+        figures = {"ce": ce.detach(), "accuracy": (logits.argmax(-1) == y).float().mean()}
+        loss = ce
+        if self.summaries is not None:
+            distance = (prompt - self.summaries[items, views].detach()).pow(2).sum(-1).mean()
+            figures["distill"] = distance.detach()
+            if self.lam > 0:  # λ = 0 is plain task training: the term is not even added
+                loss = ce + self.lam * distance
+        return loss, figures
+
+    def validate(self, model: AAPEModel) -> dict[str, float]:
+        x, y = self.data.val_features, self.data.val_labels
+        if len(x) == 0:
+            return {"val_accuracy": float("nan"), "val_loss": float("nan")}
+        class_part = model.class_part(self.class_text)
+        correct = loss_sum = 0.0
+        for part in _chunks(len(x)):
+            logits = model.logits_from(x[part], class_part)
+            correct += float((logits.argmax(-1) == y[part]).sum())
+            loss_sum += float(F.cross_entropy(logits, y[part], reduction="sum"))
+        return {"val_accuracy": correct / len(x), "val_loss": loss_sum / len(x)}
+
+    def selection_key(self, figures: dict[str, float]) -> tuple[float, ...]:
+        acc, loss = figures["val_accuracy"], figures["val_loss"]
+        if acc != acc:  # no validation images: all tie, the last epoch wins
+            return (0.0, 0.0)
+        return (acc, -loss)
+
+
+def train_generator(
+    model: AAPEModel,
+    data: TrainingSet,
+    class_text: torch.Tensor,
+    summaries: torch.Tensor | None,
+    lambda_distill: float,
+    schedule: ScheduleConfig,
+    epochs: int,
+    seed: int,
+    resume_path: Path | None = None,
+    fingerprint: str = "",
+    tracker: Tracker | None = None,
+    name: str = "generator",
+) -> FitResult:
+    """Train h and g; the model ends holding its best-validation weights."""
+    result = fit(
+        model,
+        DistillObjective(data, class_text, summaries, lambda_distill),
+        n_items=data.num_items,
+        n_views=data.num_views,
+        schedule=schedule,
+        epochs=epochs,
+        seed=seed,
+        name=name,
+        resume_path=resume_path,
+        fingerprint=fingerprint,
+        tracker=tracker,
+    )
+    model.load_state_dict(result.best_state)
+    return result
