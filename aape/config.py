@@ -37,7 +37,7 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = "demo-digits"
+    dataset: str = Field("demo-mnist", description="a key of aape.data.KNOWN_DATASETS (CoOp names accepted)")
     root: str = "data"
     path: str | None = Field(None, description="image folder or manifest for dataset=folder|manifest")
     download: bool = False

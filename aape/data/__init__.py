@@ -1,0 +1,58 @@
+"""Datasets, splits, few-shot draws and base-to-new, behind one interface.
+
+    splits = build_dataset(params.data)        # DatasetSplits(name, image_root, classnames, train, val, test)
+    draw_fewshot(splits.train, shots, seed)    # K per class, deterministic
+    base_new_split(range(splits.num_classes))  # ([base labels], [new labels])
+
+Stages read what prepare-data wrote with read_classes / read_manifest / read_records.
+"""
+
+from aape.data.images import DataError, UnreadableImageError, open_image
+from aape.data.manifests import manifest_metadata, read_classes, read_manifest, read_records, write_manifest
+from aape.data.protocol import base_new_split, cap_per_class, class_plan, draw_fewshot, local_label_map, to_local
+from aape.data.records import (
+    ClassCountError,
+    DatasetNotFoundError,
+    DatasetSplits,
+    MissingImagesError,
+    Record,
+    SplitFileError,
+    UnknownDatasetError,
+    check_class_count,
+    check_classnames,
+    dataset_hash,
+    split_hash,
+)
+from aape.data.registry import KNOWN_DATASETS, build_dataset, canonical_name, load_dataset
+
+__all__ = [
+    "KNOWN_DATASETS",
+    "ClassCountError",
+    "DataError",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "MissingImagesError",
+    "Record",
+    "SplitFileError",
+    "UnknownDatasetError",
+    "UnreadableImageError",
+    "base_new_split",
+    "build_dataset",
+    "canonical_name",
+    "cap_per_class",
+    "check_class_count",
+    "check_classnames",
+    "class_plan",
+    "dataset_hash",
+    "draw_fewshot",
+    "load_dataset",
+    "local_label_map",
+    "manifest_metadata",
+    "open_image",
+    "read_classes",
+    "read_manifest",
+    "read_records",
+    "split_hash",
+    "to_local",
+    "write_manifest",
+]

@@ -1,0 +1,78 @@
+"""Parquet manifests (path, label, classname) and classes.json: what prepare-data writes, others read.
+
+Each manifest carries its provenance in the Parquet schema metadata under the key "aape": the
+dataset, the sha256 of the source split's content, and for draws the seed and shot count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aape.data.images import DataError
+from aape.data.records import Record
+
+SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("classname", pa.string())])
+METADATA_KEY = b"aape"
+
+
+def write_manifest(records: Sequence[Record], path: Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Atomically write records as Parquet (columns path, label, classname) with JSON metadata."""
+    table = pa.table(
+        {
+            "path": [r.path for r in records],
+            "label": [r.label for r in records],
+            "classname": [r.classname for r in records],
+        },
+        schema=SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: Path):
+    """The manifest as a pandas DataFrame (row order is the order features are stored in)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist; run `aape prepare-data` first")
+    return pq.read_table(path).to_pandas()
+
+
+def read_records(path: Path) -> list[Record]:
+    frame = read_manifest(path)
+    return [Record(str(p), int(y), str(c)) for p, y, c in zip(frame["path"], frame["label"], frame["classname"])]
+
+
+def manifest_metadata(path: Path) -> dict[str, Any]:
+    raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def write_json(path: Path, content: Any) -> Path:
+    from aape.data.splits import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def read_classes(path: Path) -> dict[str, Any]:
+    """classes.json as a dict; the error says to run prepare-data when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run `aape prepare-data` first")
+    return json.loads(path.read_text())
