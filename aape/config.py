@@ -146,6 +146,13 @@ class ScheduleConfig(_Section):
     warmup_lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=1)
 
+    @field_validator("epochs")
+    @classmethod
+    def _positive_epochs(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' (CoOp's count for the shots) or a number of epochs >= 1")
+        return v
+
     def resolved_epochs(self, shots: int, dataset: str) -> int:
         """CoOp: 200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 shot and for ImageNet."""
         if self.epochs != "auto":

@@ -10,6 +10,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from aape.method import AAPEModel, ClassifierHead, seeded
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These models are tiny: on a shared CPU, extra threads cost more in synchronisation than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(kind: str, dim: int = 48, dtype=torch.float64) -> AAPEModel:
     with seeded(0):
         model = AAPEModel(dim, hidden=16, head=kind, head_hidden=8, logit_scale=50.0).to(dtype)

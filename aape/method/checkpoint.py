@@ -54,7 +54,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # clone: safetensors refuses tensors that share storage (e.g. two slices of one buffer)
+    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
