@@ -46,8 +46,24 @@ def stage(name: str, logger: logging.Logger = log) -> Iterator[dict]:
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A progress bar that appears only if the loop lasts more than two seconds."""
-    return iter(tqdm(items, desc=desc, total=total, unit=unit, delay=2.0, dynamic_ncols=True, leave=False))
+    """A progress bar on a terminal (shown only if the loop lasts over two seconds); elsewhere
+    (log files, Prefect's UI) a log line every 15 seconds with the count and rate."""
+    if sys.stderr.isatty():
+        return iter(tqdm(items, desc=desc, total=total, unit=unit, delay=2.0, dynamic_ncols=True, leave=False))
+    return _logged_progress(items, desc, total, unit)
+
+
+def _logged_progress(items: Iterable[T], desc: str, total: int | None, unit: str, every_s: float = 15.0) -> Iterator[T]:
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every_s:
+            last = now
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s %s (%.1f %s/s)", desc, done, of, unit, done / (now - start), unit)
 
 
 @contextmanager
