@@ -245,8 +245,13 @@ def test_prepare_data_on_the_demo_writes_the_contract(demo_root, tmp_path, monke
 def test_fewshot_protocol_trains_on_every_class_and_val_is_capped_at_four(demo_root, tmp_path):
     from aape.stages.prepare_data import run
 
+    from aape.tracking import RecordingTracker
+
     params = stage_params(tmp_path, f"data.root={demo_root}", "run.seeds=[2]", "data.protocol=fewshot", "data.shots=8")
-    run(params)
+    tracker = RecordingTracker()
+    run(params, tracker=tracker)
+    assert tracker.tags["dataset"] == "demo-mnist" and tracker.tags["split_official"] == "true"
+    assert ("data/num_classes", 10.0, None) in tracker.metrics and ("data/test_images", 1500.0, None) in tracker.metrics
     layout = Layout.from_params(params)
     classes = read_classes(layout.classes_file)
     assert classes["train_classes"] == list(range(10)) and classes["eval_sets"] == {"all": list(range(10))}

@@ -364,3 +364,45 @@ def test_datasets_torchvision_cannot_fetch_say_so(tmp_path):
 
     with pytest.raises(DataError, match="ucf101 cannot be downloaded automatically"):
         build_dataset(DataConfig(dataset="ucf101", root=str(tmp_path), download=True))
+
+
+def test_a_download_is_placed_in_coops_layout_and_loads(tmp_path, monkeypatch):
+    """torchvision's archive layout (faked here: no network) ends up where CoOp's loader reads it."""
+    import numpy as np
+    import torchvision.datasets
+    from PIL import Image
+    from scipy.io import savemat
+
+    from aape.data import download
+
+    class FakeFlowers102:
+        classes = ["pink primrose", "pink-yellow dahlia?", "sweet pea"]
+
+        def __init__(self, root, download=False):
+            base = Path(root) / "flowers-102"
+            (base / "jpg").mkdir(parents=True)
+            labels = [1 + i % 3 for i in range(30)]
+            for i in range(30):
+                Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(base / "jpg" / f"image_{i + 1:05d}.jpg")
+            savemat(base / "imagelabels.mat", {"labels": np.array([labels])})
+            savemat(base / "setid.mat", {"trnid": np.array([[1]])})
+
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
+    monkeypatch.setattr(download, "host_reachable", lambda url, timeout=3.0: True)
+    splits = build_dataset(DataConfig(dataset="oxford_flowers", root=str(tmp_path), download=True))
+    assert splits.classnames == ["pink primrose", "pink-yellow dahlia", "sweet pea"]
+    assert splits.counts() == {"train": 15, "val": 6, "test": 9} and not splits.official_split
+    assert splits.image_root == str(tmp_path / "oxford_flowers" / "jpg")
+    assert not (tmp_path / ".downloads" / "oxford_flowers").exists()  # staging removed once placed
+    assert sorted(p.name for p in (tmp_path / "oxford_flowers").iterdir()) == ["cat_to_name.json", "imagelabels.mat", "jpg", "setid.mat"]
+
+
+def test_folder_dataset_on_real_cifar10_images():
+    from aape.data import draw_fewshot, open_image
+
+    folder = shared_asset("images", "cifar10_test")
+    splits = build_dataset(DataConfig(dataset="folder", path=str(folder)))
+    assert splits.classnames == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert splits.counts() == {"train": 5000, "val": 2000, "test": 3000}
+    drawn = draw_fewshot(splits.train, 2, seed=1)
+    assert [open_image(folder / r.path).size for r in drawn] == [(32, 32)] * 20

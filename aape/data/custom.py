@@ -147,6 +147,4 @@ def load_manifest(path: str | None) -> DatasetSplits:
             train, val = split_trainval(records_by_split["train"], str(manifest))
             how = "the manifest's train/test split; val = a deterministic 20% of train"
         test = records_by_split["test"]
-    splits = _splits("manifest", manifest.parent, classnames, train, val, test, how, official=has_split)
-    splits.image_root = str(Path(path).parent)  # as configured: relative stays relative
-    return splits
+    return _splits("manifest", manifest.parent, classnames, train, val, test, how, official=has_split)

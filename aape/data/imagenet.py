@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aape.data.imagenet_subsets import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS
-from aape.data.records import DatasetNotFoundError, DatasetSplits, Record, SplitFileError
+from aape.data.records import DatasetNotFoundError, DatasetSplits, SplitFileError
 from aape.data.splits import list_class_dirs, records_from_class_dirs
 
 log = logging.getLogger(__name__)

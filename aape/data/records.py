@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -184,7 +183,3 @@ def check_classnames(expected: Sequence[str], actual: Sequence[str], what: str, 
             + (fix or "Regenerate it for this dataset, or use the file that belongs to it.")
         )
 
-
-def duplicates(records: Iterable[Record]) -> list[str]:
-    counts = Counter(r.path for r in records)
-    return sorted(p for p, c in counts.items() if c > 1)

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from aape.config import Params
 from aape.data.images import DataError, UnreadableImageError
 from aape.data.manifests import write_json, write_manifest
-from aape.data.protocol import Shortfall, cap_per_class, class_plan, draw_fewshot, restrict
+from aape.data.protocol import Shortfall, cap_per_class, class_plan, draw_fewshot
 from aape.data.records import SPLITS, DatasetSplits, MissingImagesError, Record, dataset_hash, find_missing_files
 from aape.data.registry import build_dataset, canonical_name
 from aape.layout import Layout
