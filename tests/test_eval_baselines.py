@@ -129,3 +129,16 @@ def test_model_classifier_hands_the_model_the_text_of_the_requested_classes_in_o
     clf = ModelClassifier("aape", Model(), text)
     out = clf.logits(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), [3, 2])
     assert torch.equal(seen["text"], text[[3, 2]]) and out.argmax().item() == 1
+
+
+def test_linear_probe_minimises_the_same_objective_as_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    _, _, images, labels = _world(seed=5, noise=1.0)
+    probe = train_linear_probe(images, labels, images[:0], labels[:0], [1.0, 10.0, 100.0])  # no val: middle C
+    assert probe.regularisation_c == 10.0
+    reference = LogisticRegression(C=10.0, max_iter=5000, tol=1e-10).fit(images.double().numpy(), labels.numpy())
+    expected = torch.from_numpy(reference.predict_proba(images.double().numpy())).float()
+    ours = probe.logits(images, list(range(C))).softmax(-1)
+    assert torch.allclose(ours, expected, atol=2e-3)
+    assert torch.allclose(probe.weights, torch.from_numpy(reference.coef_).float(), atol=2e-2)

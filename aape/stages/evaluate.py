@@ -1,0 +1,168 @@
+"""Stage `evaluate`: every method of evaluation.methods under the run's protocol (and the transfer
+protocols configured), for every seed; tables, metrics.json, figures and report.md in eval/.
+
+Each method × seed is logged to a nested tracker run named "<method>/seed<S>" (transfer targets:
+"<scope>:<dataset>/<method>/seed<S>") with the same metric names for every method, so MLflow's
+compare view lines them up; metrics.json holds the same figures flattened for DVC.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from aape.backbone import RANDOM_INIT_NOTICE
+from aape.config import Params
+from aape.evaluation.classifiers import EvaluationError
+from aape.evaluation.outputs import (
+    attention_figure,
+    confusion_figures,
+    per_class_figures,
+    shots_curve,
+    shots_result_files,
+    write_parquet,
+)
+from aape.evaluation.plots import accuracy_vs_shots
+from aape.evaluation.protocols import ClassesInfo, build_classifiers, evaluate_seed
+from aape.evaluation.report import ReportContext, render_report
+from aape.evaluation.results import (
+    BASE2NEW,
+    SetOutcome,
+    flat_metrics,
+    notes_by_method,
+    per_class_frame,
+    results_frame,
+    seed_metrics,
+    summarise,
+)
+from aape.evaluation.transfer import load_transfer_targets
+from aape.features import FeatureBundle, load_bundle
+from aape.features.bundle import atomic_write_json, atomic_write_text
+from aape.layout import Layout
+from aape.logs import progress, stage
+from aape.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+NAME = "evaluate"
+
+
+def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
+    tracker = tracker or NullTracker()
+    layout = Layout.from_params(params)
+    with stage(NAME) as summary:
+        info = ClassesInfo.read(layout)
+        methods = list(params.evaluation.methods)
+        if not methods:
+            raise EvaluationError("evaluation.methods is empty; list at least one of the six methods")
+        extra_results = shots_result_files(params.evaluation.shots_results)  # fail before the work, not after
+        first = load_bundle(layout, params.run.seeds[0])
+        _check_bundle(first, info)
+        if first.random_init:
+            log.warning("%s: every figure of this evaluation is meaningless about CLIP and AAPE", RANDOM_INIT_NOTICE)
+        targets = load_transfer_targets(params, layout, info, first)
+        outcomes: list[SetOutcome] = []
+        for seed in progress(params.run.seeds, desc="evaluate seeds", unit="seed"):
+            bundle = first if seed == first.seed else load_bundle(layout, seed)
+            _check_bundle(bundle, info)
+            classifiers = build_classifiers(methods, bundle, info, layout, params)
+            seed_outcomes = evaluate_seed(classifiers, bundle, info, targets, params.evaluation.batch_size)
+            _log_children(tracker, seed_outcomes, info, bundle)
+            outcomes.extend(seed_outcomes)
+        written = _write_outputs(params, layout, info, first, methods, outcomes, extra_results, targets)
+        summary["outputs"].extend(str(p) for p in written["files"])
+        metrics = written["metrics"]
+        tracker.set_tags({"random_init": str(first.random_init).lower(), "backbone": first.identity})
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        for path in written["artifacts"]:
+            tracker.log_artifact(path, "eval")
+        headline = {k: v for k, v in metrics.items() if k.startswith(f"{info.protocol}/aape/") and k.endswith("_mean")}
+        summary.update(headline=headline, random_init=first.random_init, report=str(layout.eval / "report.md"))
+        for key, value in headline.items():
+            log.info("%s = %.2f%s", key, value, " [RANDOM-INIT backbone]" if first.random_init else "")
+    return summary
+
+
+def _check_bundle(bundle: FeatureBundle, info: ClassesInfo) -> None:
+    if bundle.class_prompts.shape[0] != len(info.classnames):
+        raise EvaluationError(
+            f"the features hold {bundle.class_prompts.shape[0]} class prompts but {info.path} lists "
+            f"{len(info.classnames)} classes: the features are stale. Re-run `aape extract-features`."
+        )
+
+
+def _backbone_names(identity: str) -> tuple[str, str]:
+    """'ViT-B-16@tag:openai' -> ('ViT-B-16', 'openai'): what the features were really computed with."""
+    model, _, weights = identity.partition("@")
+    return model, weights.removeprefix("tag:")
+
+
+def _child_name(outcome: SetOutcome, info: ClassesInfo) -> str:
+    base = f"{outcome.method}/seed{outcome.seed}"
+    return base if outcome.scope == info.protocol else f"{outcome.scope}:{outcome.dataset}/{base}"
+
+
+def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInfo, bundle: FeatureBundle) -> None:
+    groups: dict[tuple[str, str, str], list[SetOutcome]] = {}
+    for outcome in outcomes:
+        groups.setdefault((outcome.scope, outcome.dataset, outcome.method), []).append(outcome)
+    for (scope, dataset, method), group in groups.items():
+        tags = {"method": method, "seed": str(bundle.seed), "scope": scope, "dataset": dataset,
+                "train_dataset": info.dataset, "random_init": str(bundle.random_init).lower()}
+        with tracker.child(_child_name(group[0], info), tags=tags) as child:
+            child.log_metrics(seed_metrics(group))
+            notes = sorted({o.note for o in group if o.note})
+            if notes:
+                child.set_tags({"not_applicable": "; ".join(notes)})
+
+
+def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: FeatureBundle, methods: list[str],
+                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list) -> dict[str, Any]:
+    out = layout.eval
+    plots_dir = out / "plots"
+    shutil.rmtree(plots_dir, ignore_errors=True)  # figures of an earlier run must not linger beside these
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    results = results_frame(outcomes, shots=info.shots or params.data.shots, backbone=bundle.identity,
+                            random_init=bundle.random_init)
+    per_class = per_class_frame(outcomes)
+    summary = summarise(results)
+    metrics: dict[str, Any] = {**flat_metrics(summary), "random_init": bundle.random_init}
+    files = [write_parquet(results, out / "results.parquet"), write_parquet(per_class, out / "per_class.parquet")]
+    atomic_write_json(layout.metrics, metrics)
+    files.append(layout.metrics)
+
+    figures: list[tuple[str, str]] = []
+    remarks: list[str] = [note for target in targets for note in target.notes]
+    curve = shots_curve(results, extra_results, info.protocol, info.dataset, methods)
+    if len(curve):
+        label = "H (%)" if info.protocol == BASE2NEW else "accuracy (%)"
+        path, remark = accuracy_vs_shots(curve, label, plots_dir / "accuracy_vs_shots.png",
+                                         f"{info.dataset}: {label} against shots (mean ± std over seeds)")
+        figures.append(("Accuracy against shots", path))
+        remarks.append(remark)
+    figures += per_class_figures(per_class, methods, info.protocol, info.dataset, plots_dir)
+    confusion_method = "aape" if "aape" in methods else methods[-1]
+    for caption, path, remark in confusion_figures(outcomes, confusion_method, bundle.seed, info.protocol, plots_dir,
+                                                   params.evaluation.confusion_max_classes):
+        figures.append((caption, path))
+    attention, remark = attention_figure(layout, bundle, info.train_classes, info.classnames,
+                                         params.evaluation.attention_examples, plots_dir / "attention_descriptions.png")
+    remarks.append(remark)
+    if attention is not None:
+        figures.append(("Aggregator attention over one class's descriptions (the paper's figure 7)", attention))
+
+    model_name, weights = _backbone_names(bundle.identity)
+    set_sizes = {(o.scope, o.dataset, o.eval_set): (o.total, len(o.classes)) for o in outcomes if o.applicable}
+    context = ReportContext(
+        dataset=info.dataset, protocol=info.protocol, shots=info.shots or params.data.shots, seeds=list(params.run.seeds),
+        backbone_model=model_name, pretrained=weights, identity=bundle.identity,
+        random_init=bundle.random_init, methods=methods, summary=summary, notes=notes_by_method(outcomes),
+        set_sizes=set_sizes, plots=[(caption, str(Path(p).relative_to(out))) for caption, p in figures], remarks=remarks,
+    )
+    report = out / "report.md"
+    atomic_write_text(report, render_report(context))
+    files += [report, plots_dir]
+    return {"files": files, "metrics": metrics, "artifacts": [report, layout.metrics, out / "results.parquet",
+                                                             out / "per_class.parquet", plots_dir]}
