@@ -1,0 +1,160 @@
+"""Inference speed: AAPE (fast head) against zero-shot CLIP, on cached features and end to end.
+
+    .venv/bin/python benchmarks/bench_inference.py [--images 32] [--classes 1000] [--threads 2]
+
+Same backbone (ViT-B-16 at 224 px, random weights: the same FLOPs as trained ones), same images,
+same class count, measured side by side in one process:
+
+- cached features: image embeddings already computed; zero-shot is one matmul with the class text
+  embeddings, AAPE runs h(x) and the fast head g (its per-class part computed once, like zero-shot's
+  text embeddings). The naive head (a batch x classes x 2d tensor) is shown for reference.
+- end to end: image files -> decode + CLIP preprocessing -> image encoder -> head -> top-1. The
+  methods alternate for --repeats rounds and each keeps its median, to even out a shared CPU.
+
+Target (issue 8): AAPE end to end at least 0.8 times zero-shot CLIP's images per second.
+Images: the real CIFAR-10 JPEGs of ../shared/assets/images/cifar10_test when present (upsampled to
+224 px by the preprocessing), else generated PNGs (said so in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aape.backbone import load_backbone  # noqa: E402
+from aape.config import BackboneConfig  # noqa: E402
+from aape.data.images import open_image  # noqa: E402
+from aape.method import AAPEModel  # noqa: E402
+
+TARGET_END_TO_END = 0.8
+CIFAR = REPO.parent / "shared" / "assets" / "images" / "cifar10_test"
+
+
+def image_files(count: int, workdir: Path) -> tuple[list[Path], str]:
+    if CIFAR.is_dir():
+        files = sorted(CIFAR.rglob("*.jpg"))[:: max(1, 10000 // count)][:count]
+        if len(files) == count:
+            return files, f"{count} CIFAR-10 test JPEGs (32 px, upsampled to the backbone's input size)"
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for i in range(count):
+        pixels = (torch.rand(256, 256, 3, generator=g) * 255).to(torch.uint8).numpy()
+        path = workdir / f"img{i:04d}.png"
+        Image.fromarray(pixels).save(path)
+        files.append(path)
+    return files, f"{count} generated 256 px PNGs (../shared/assets absent)"
+
+
+def throughput(fn, n_images: int, repeats: int = 3) -> float:
+    """Images per second: the best of `repeats` timed calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n_images / best
+
+
+@torch.inference_mode()
+def cached_features(model: AAPEModel, text: torch.Tensor, n: int, batch: int, logit_scale: float) -> dict[str, float]:
+    g = torch.Generator().manual_seed(1)
+    feats = F.normalize(torch.randn(n, text.shape[1], generator=g), dim=-1)
+    class_part = model.class_part(text)
+
+    def zeroshot():
+        for s in range(0, n, batch):
+            (logit_scale * feats[s : s + batch] @ text.T).argmax(-1)
+
+    def aape():
+        for s in range(0, n, batch):
+            model.logits_from(feats[s : s + batch], class_part).argmax(-1)
+
+    naive_n, naive_batch = min(n, 256), 32
+
+    def naive():
+        for s in range(0, naive_n, naive_batch):
+            model.naive_logits(feats[s : s + naive_batch], text).argmax(-1)
+
+    return {"zeroshot": throughput(zeroshot, n), "aape": throughput(aape, n), "aape-naive": throughput(naive, naive_n, 1)}
+
+
+@torch.inference_mode()
+def end_to_end(backbone, model: AAPEModel, text: torch.Tensor, files: list[Path], batch: int, repeats: int) -> dict[str, float]:
+    class_part = model.class_part(text)
+    scale = backbone.logit_scale
+
+    def run(head) -> float:
+        start = time.perf_counter()
+        for s in range(0, len(files), batch):
+            pixels = torch.stack([backbone.eval_transform(open_image(p)) for p in files[s : s + batch]])
+            head(backbone.encode_images(pixels)).argmax(-1)
+        return len(files) / (time.perf_counter() - start)
+
+    heads = {"zeroshot": lambda x: scale * x @ text.T, "aape": lambda x: model.logits_from(x, class_part)}
+    run(heads["zeroshot"])  # warm-up (allocator, first-call overheads)
+    rates: dict[str, list[float]] = {name: [] for name in heads}
+    for round_ in range(repeats):
+        order = list(heads) if round_ % 2 == 0 else list(reversed(heads))
+        for name in order:
+            rates[name].append(run(heads[name]))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--images", type=int, default=32, help="images for the end-to-end runs")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--cached", type=int, default=10000, help="cached feature rows for the head-only runs")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating end-to-end rounds per method")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    backbone = load_backbone(BackboneConfig(model=args.model, pretrained="random-init"), device=args.device)
+    d = backbone.embed_dim
+    torch.manual_seed(0)
+    model = AAPEModel(d, hidden=32, head="bottleneck", head_hidden=32, logit_scale=backbone.logit_scale).to(backbone.device).eval()
+    text = backbone.encode_texts([f"a photo of a class {i}." for i in range(args.classes)])
+    print(f"backbone {args.model} (random weights, {backbone.image_size} px, d={d}) on {backbone.device}, "
+          f"{torch.get_num_threads()} torch threads; {args.classes} classes; AAPE h+g = {model.parameter_counts()['total']} parameters")
+
+    cached = cached_features(model, text.cpu() if args.device == "cpu" else text, args.cached, 256, backbone.logit_scale)
+    print(f"\ncached features ({args.cached} images, batch 256; naive head: 256 images, batch 32)")
+    print(f"  {'method':<22}{'images/s':>14}{'vs zero-shot':>14}")
+    for name, rate in cached.items():
+        print(f"  {name:<22}{rate:>14,.0f}{rate / cached['zeroshot']:>13.3f}x")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files, described = image_files(args.images, Path(tmp))
+        print(f"\nend to end: {described}, batch {args.batch}, median of {args.repeats} alternating rounds")
+        e2e = end_to_end(backbone, model, text, files, args.batch, args.repeats)
+    ratio = e2e["aape"] / e2e["zeroshot"]
+    print(f"  {'method':<22}{'images/s':>14}{'vs zero-shot':>14}")
+    for name, rate in e2e.items():
+        print(f"  {name:<22}{rate:>14.2f}{rate / e2e['zeroshot']:>13.3f}x")
+    verdict = "PASS" if ratio >= TARGET_END_TO_END else "FAIL"
+    print(f"\ntarget: AAPE end to end >= {TARGET_END_TO_END:.1f}x zero-shot CLIP: measured {ratio:.3f}x -> {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
