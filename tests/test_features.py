@@ -368,3 +368,11 @@ def test_load_bundle_names_what_is_missing(run_params, stage_backbone):
 def test_stage_reports_missing_inputs(tiny_params, stage_backbone):
     with pytest.raises(FeatureError, match="prepare-data"):
         extract_features.run(tiny_params)
+
+
+def test_stage_rerun_in_a_new_process_reuses_the_cache_with_random_init(run_params):
+    """Each run builds its own backbone: random-init weights must come out the same every time."""
+    first = extract_features.run(run_params)
+    second = extract_features.run(run_params)
+    assert first["images_encoded"] > 0
+    assert second["images_encoded"] == 0 and second["texts_encoded"] == 0

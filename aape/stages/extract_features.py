@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from aape.backbone import RANDOM_INIT_NOTICE, load_backbone
+import torch
+
+from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
 from aape.features.extract import Extractor
 from aape.layout import Layout
@@ -17,12 +19,24 @@ from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
+# Random-init weights are drawn from this seed so that a rerun (a new process) builds the same
+# weights and finds its features in the cache instead of re-encoding everything.
+RANDOM_INIT_SEED = 0
+
+
+def build_backbone(params: Params) -> Backbone:
+    if not params.backbone.random_init:
+        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+
 
 def run(params: Params, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage("extract-features") as summary:
-        backbone = load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+        backbone = build_backbone(params)
         if backbone.random_init:
             log.warning(RANDOM_INIT_NOTICE)
         tracker.set_tags({"random_init": str(backbone.random_init).lower(), "backbone": backbone.identity})
