@@ -1,0 +1,298 @@
+"""From a class list to description rows and a summary, for any of the three sources.
+
+LLM sources: plan one job per (class, LLM-prompt, sample index), take what the journal already has,
+request only the rest (persisting each answer as it arrives), then clean and assemble the rows in
+plan order. The CuPL source reads a file instead. All produce rows of `table.DESCRIPTION_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aape.config import Params, PromptsConfig
+from aape.prompts.answers import RunStats, Sampling
+from aape.prompts.cleaning import clean_answers
+from aape.prompts.cupl import check_unmatched, match_classes, read_cupl_file
+from aape.prompts.errors import ClassesFileError, TooFewDescriptionsError
+from aape.prompts.journal import Journal, SampleJob, request_key
+from aape.prompts.templates import TemplateSet, display_name, select_templates
+
+log = logging.getLogger(__name__)
+
+IMPORTED_TEMPLATE = "(imported)"
+FALLBACK_TEMPLATE = "a photo of a {}."
+FALLBACK_SOURCE = "fallback"
+OPENAI_DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class ClassList:
+    dataset: str
+    classnames: list[str]
+
+
+@dataclass
+class Descriptions:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def read_classes(path: str | Path) -> ClassList:
+    """data/classes.json -> its dataset name and class names (every class gets descriptions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassesFileError(f"class list {path} not found: run `aape prepare-data` first (it writes data/classes.json)")
+    try:
+        tree = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClassesFileError(f"{path} is not valid JSON ({exc}): rerun `aape prepare-data`") from None
+    if not isinstance(tree, dict):
+        raise ClassesFileError(f"{path} must hold a JSON object with 'dataset' and 'classnames'")
+    dataset, names = tree.get("dataset"), tree.get("classnames")
+    if not isinstance(dataset, str) or not dataset:
+        raise ClassesFileError(f"{path}: key 'dataset' must be a non-empty string")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ClassesFileError(f"{path}: key 'classnames' must be a non-empty list of non-empty strings")
+    return ClassList(dataset=dataset, classnames=names)
+
+
+# planning ------------------------------------------------------------------------------------------
+def source_identity(cfg: PromptsConfig) -> dict[str, str]:
+    """What, besides the question and sampling, determines an answer (part of every request key)."""
+    if cfg.source == "openai":
+        return {"source": "openai", "model": cfg.openai.model, "endpoint": cfg.openai.base_url or OPENAI_DEFAULT_ENDPOINT}
+    return {"source": "local", "model": cfg.local.model}
+
+
+def plan_jobs(classes: ClassList, templates: TemplateSet, n_per_template: int, sampling: Sampling, identity: dict[str, str]) -> list[SampleJob]:
+    """One job per (class, LLM-prompt, sample index), in the order rows are written."""
+    jobs = []
+    for index, name in enumerate(classes.classnames):
+        for template in templates.prompts:
+            question = templates.question(template, name)
+            for sample in range(n_per_template):
+                key = request_key(
+                    **identity,
+                    system=templates.system,
+                    template=template,
+                    question=question,
+                    class_name=name,
+                    sample_index=sample,
+                    temperature=sampling.temperature,
+                    max_tokens=sampling.max_tokens,
+                )
+                jobs.append(SampleJob(index, name, template, question, sample, key))
+    return jobs
+
+
+def journal_path(params: Params) -> Path:
+    return Path(params.run.cache_dir) / "prompts" / "journal.jsonl"
+
+
+# the sources -----------------------------------------------------------------------------------------
+def _answer_missing(params: Params, jobs: list[SampleJob], system: str, sampling: Sampling, persist: Any) -> RunStats:
+    cfg = params.prompts
+    if cfg.source == "openai":
+        from aape.prompts.openai_source import answer_jobs_openai
+
+        return answer_jobs_openai(jobs, cfg.openai, system, sampling, persist)
+    from aape.prompts.local_source import answer_jobs_local
+
+    return answer_jobs_local(jobs, cfg.local, system, sampling, persist, device=params.run.device)
+
+
+def generate_from_llm(params: Params, classes: ClassList) -> Descriptions:
+    """Ask the configured LLM (journal first), then clean and assemble the rows."""
+    cfg = params.prompts
+    templates = select_templates(cfg.templates, classes.dataset, cfg.max_templates)
+    sampling = Sampling(cfg.temperature, cfg.max_tokens)
+    identity = source_identity(cfg)
+    jobs = plan_jobs(classes, templates, cfg.n_per_template, sampling, identity)
+    journal = Journal(journal_path(params))
+    answers = journal.load()
+    missing = [job for job in jobs if job.key not in answers]
+    log.info(
+        "%s model %s, LLM-prompts '%s' (%d), %d classes x %d prompts x %d samples = %d answers: %d in the journal %s, %d to request",
+        identity["source"], identity["model"], templates.name, len(templates.prompts), len(classes.classnames),
+        len(templates.prompts), cfg.n_per_template, len(jobs), len(jobs) - len(missing), journal.path, len(missing),
+    )  # fmt: skip
+
+    def persist(entries: list[dict[str, Any]]) -> None:
+        journal.append(entries)
+        for entry in entries:
+            answers.setdefault(entry["key"], entry)
+
+    before = len(answers)
+    try:
+        stats = _answer_missing(params, missing, templates.system, sampling, persist)
+    except BaseException:
+        log.error("stopped with %d new answers saved in %s; rerun to resume: only missing answers are requested", len(answers) - before, journal.path)
+        raise
+    finally:
+        journal.close()
+    rows, dropped = _rows_from_answers(classes, jobs, answers, cfg.trim_truncated)
+    summary = _summary(params, classes, rows, dropped, stats, jobs, len(jobs) - len(missing), answers)
+    summary["templates"] = {"set": templates.name, "system": templates.system, "prompts": list(templates.prompts)}
+    summary["journal"] = str(journal.path)
+    return Descriptions(rows, summary)
+
+
+def _rows_from_answers(classes: ClassList, jobs: list[SampleJob], answers: dict[str, dict[str, Any]], trim_truncated: bool) -> tuple[list[dict[str, Any]], Counter]:
+    rows: list[dict[str, Any]] = []
+    dropped: Counter = Counter()
+    by_class: dict[int, list[SampleJob]] = {}
+    for job in jobs:
+        by_class.setdefault(job.class_index, []).append(job)
+    for index, class_jobs in by_class.items():
+        entries = [answers[job.key] for job in class_jobs]
+        cleaned = clean_answers([(e["raw_text"], e.get("finish_reason") == "length") for e in entries], trim_truncated)
+        dropped.update(cleaned.dropped)
+        for position, text in cleaned.kept:
+            job, entry = class_jobs[position], entries[position]
+            rows.append(
+                {
+                    "dataset": classes.dataset,
+                    "class_index": index,
+                    "class_name": job.class_name,
+                    "template": job.template,
+                    "text": text,
+                    "raw_text": entry["raw_text"],
+                    "source": entry["source"],
+                    "temperature": entry["temperature"],
+                    "sample_index": job.sample_index,
+                    "request_id": entry.get("request_id"),
+                    "prompt_tokens": entry.get("prompt_tokens"),
+                    "completion_tokens": entry.get("completion_tokens"),
+                    "created_at": datetime.fromisoformat(entry["created_at"]),
+                }
+            )
+    return rows, dropped
+
+
+def import_cupl(params: Params, classes: ClassList) -> Descriptions:
+    """Rows from a CuPL-style JSON file; unmatched classes fail unless prompts.allow_unmatched."""
+    cfg = params.prompts
+    path = Path(cfg.file or "")
+    tree = read_cupl_file(path)
+    match = match_classes(classes.classnames, list(tree), source=str(path))
+    check_unmatched(classes.classnames, match, str(path), cfg.allow_unmatched)
+    now = datetime.now(timezone.utc)
+    rows: list[dict[str, Any]] = []
+    dropped: Counter = Counter()
+    base = {"dataset": classes.dataset, "temperature": None, "request_id": None, "prompt_tokens": None, "completion_tokens": None, "created_at": now}
+    for index, name in enumerate(classes.classnames):
+        if index in match.keys:
+            sentences = tree[match.keys[index]]
+            cleaned = clean_answers([(s, False) for s in sentences], cfg.trim_truncated)
+            dropped.update(cleaned.dropped)
+            for position, text in cleaned.kept:
+                rows.append({**base, "class_index": index, "class_name": name, "template": IMPORTED_TEMPLATE, "text": text,
+                             "raw_text": sentences[position], "source": f"cupl-json:{path.name}", "sample_index": position})  # fmt: skip
+        else:
+            text = FALLBACK_TEMPLATE.replace("{}", display_name(name))
+            rows.append({**base, "class_index": index, "class_name": name, "template": FALLBACK_TEMPLATE, "text": text,
+                         "raw_text": text, "source": FALLBACK_SOURCE, "sample_index": 0})  # fmt: skip
+    summary = _summary(params, classes, rows, dropped, RunStats(), [], 0, {})
+    summary["file"] = str(path)
+    summary["matched_keys"] = {classes.classnames[i]: k for i, k in sorted(match.keys.items()) if classes.classnames[i] != k}
+    summary["unmatched_classes"] = [classes.classnames[i] for i in match.unmatched]
+    summary["unused_file_keys"] = match.unused_keys
+    return Descriptions(rows, summary)
+
+
+# checks and summary ----------------------------------------------------------------------------------
+def per_class_counts(classes: ClassList, rows: list[dict[str, Any]]) -> list[int]:
+    counts = [0] * len(classes.classnames)
+    for row in rows:
+        counts[row["class_index"]] += 1
+    return counts
+
+
+def check_min_per_class(classes: ClassList, counts: list[int], minimum: int, dropped: Counter) -> None:
+    short = [(i, classes.classnames[i], n) for i, n in enumerate(counts) if n < minimum]
+    if short:
+        listed = ", ".join(f"'{name}' (class {i}: {n})" for i, name, n in short[:20])
+        more = f" and {len(short) - 20} more" if len(short) > 20 else ""
+        raise TooFewDescriptionsError(
+            f"{len(short)} class(es) kept fewer than prompts.min_per_class={minimum} descriptions after cleaning: "
+            f"{listed}{more}. Dropped overall: {dict(dropped) or 'none'}. Raise prompts.n_per_template (answers "
+            "already obtained are kept in the journal; only the new samples are requested), or lower prompts.min_per_class"
+        )
+
+
+def _cost(cfg: PromptsConfig, prompt_tokens: int, completion_tokens: int) -> float:
+    if cfg.source != "openai":
+        return 0.0
+    return prompt_tokens / 1000 * cfg.openai.price_per_1k_input_tokens + completion_tokens / 1000 * cfg.openai.price_per_1k_output_tokens
+
+
+def _summary(params: Params, classes: ClassList, rows: list[dict[str, Any]], dropped: Counter, stats: RunStats,
+             jobs: list[SampleJob], from_journal: int, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    cfg = params.prompts
+    counts = per_class_counts(classes, rows)
+    used = [answers[job.key] for job in jobs]
+    prompt_tokens = sum(e.get("prompt_tokens") or 0 for e in used)
+    completion_tokens = sum(e.get("completion_tokens") or 0 for e in used)
+    names = classes.classnames
+    duplicated = {n for n in names if names.count(n) > 1}
+    model = {"openai": cfg.openai.model, "local": cfg.local.model}.get(cfg.source, Path(cfg.file or "").name)
+    return {
+        "dataset": classes.dataset,
+        "source": cfg.source,
+        "model": model,
+        "n_per_template": cfg.n_per_template,
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.max_tokens,
+        "classes": len(names),
+        "descriptions": len(rows),
+        "descriptions_per_class": {(f"{n} #{i}" if n in duplicated else n): c for i, (n, c) in enumerate(zip(names, counts))},
+        "dropped": {"empty": dropped["empty"], "refusal": dropped["refusal"], "duplicate": dropped["duplicate"]},
+        "requests": {
+            "planned": len(jobs),
+            "from_journal": from_journal,
+            "sent": stats.requests,
+            "answers_received": stats.answers,
+            "retries": stats.retries,
+            "retry_reasons": dict(stats.retry_reasons),
+            "retry_wait_s": round(stats.retry_wait_s, 3),
+        },
+        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens, "total": prompt_tokens + completion_tokens},
+        "tokens_this_run": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens, "total": stats.prompt_tokens + stats.completion_tokens},
+        "estimated_cost_usd": {
+            "all_answers": round(_cost(cfg, prompt_tokens, completion_tokens), 6),
+            "this_run": round(_cost(cfg, stats.prompt_tokens, stats.completion_tokens), 6),
+            "price_per_1k_input_tokens": cfg.openai.price_per_1k_input_tokens if cfg.source == "openai" else 0.0,
+            "price_per_1k_output_tokens": cfg.openai.price_per_1k_output_tokens if cfg.source == "openai" else 0.0,
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def build_descriptions(params: Params, classes: ClassList) -> Descriptions:
+    """The rows and summary for the configured source, checked against prompts.min_per_class."""
+    result = import_cupl(params, classes) if params.prompts.source == "cupl-json" else generate_from_llm(params, classes)
+    counts = per_class_counts(classes, result.rows)
+    fallback = {r["class_index"] for r in result.rows if r["source"] == FALLBACK_SOURCE}
+    check_min_per_class(classes, [max(n, params.prompts.min_per_class) if i in fallback else n for i, n in enumerate(counts)],
+                        params.prompts.min_per_class, Counter(result.summary["dropped"]))  # fmt: skip
+    return result
+
+
+def log_counts(classes: ClassList, rows: list[dict[str, Any]], limit: int = 50) -> None:
+    """Per-class counts (all of them for up to `limit` classes, else the spread and the smallest)."""
+    counts = per_class_counts(classes, rows)
+    if len(counts) <= limit:
+        log.info("descriptions per class: %s", ", ".join(f"{name}={n}" for name, n in zip(classes.classnames, counts)))
+        return
+    smallest = sorted(range(len(counts)), key=counts.__getitem__)[:10]
+    log.info(
+        "descriptions per class: min %d, median %g, max %d; smallest: %s",
+        min(counts), statistics.median(counts), max(counts), ", ".join(f"{classes.classnames[i]}={counts[i]}" for i in smallest),
+    )  # fmt: skip
