@@ -376,3 +376,18 @@ def test_stage_rerun_in_a_new_process_reuses_the_cache_with_random_init(run_para
     second = extract_features.run(run_params)
     assert first["images_encoded"] > 0
     assert second["images_encoded"] == 0 and second["texts_encoded"] == 0
+
+
+def test_changed_descriptions_re_encode_only_the_descriptions(run_params, stage_backbone, counter):
+    layout = Layout.from_params(run_params)
+    extract_features.run(run_params)
+    descriptions = pd.read_parquet(layout.descriptions)
+    extra = descriptions.iloc[[0]].assign(text="a brand new sentence about clouds")
+    pd.concat([descriptions, extra], ignore_index=True).to_parquet(layout.descriptions)
+    counter.reset()
+    summary = extract_features.run(run_params)
+    assert counter.images == 0 and summary["images_encoded"] == 0
+    assert counter.texts == len(descriptions) + 1, "class prompts and the template ensemble are reused"
+    bundle = load_bundle(layout, 1)
+    assert bundle.descriptions.shape[0] == len(descriptions) + 1
+    assert torch.allclose(bundle.descriptions[-1], stage_backbone.encode_texts(["a brand new sentence about clouds"])[0], atol=1e-5)
