@@ -391,3 +391,56 @@ def test_changed_descriptions_re_encode_only_the_descriptions(run_params, stage_
     bundle = load_bundle(layout, 1)
     assert bundle.descriptions.shape[0] == len(descriptions) + 1
     assert torch.allclose(bundle.descriptions[-1], stage_backbone.encode_texts(["a brand new sentence about clouds"])[0], atol=1e-5)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_on_call(backbone, monkeypatch, call: int, before=None):
+    """Make backbone.encode_images raise on its `call`-th call (after running `before`)."""
+    encode = backbone.encode_images
+    calls = {"n": 0}
+
+    def flaky(pixels):
+        calls["n"] += 1
+        if calls["n"] == call:
+            if before is not None:
+                before()
+            raise Interrupted
+        return encode(pixels)
+
+    monkeypatch.setattr(backbone, "encode_images", flaky)
+
+
+def test_an_interrupted_encoding_keeps_its_work_and_a_rerun_continues(tiny_backbone, image_dir, tmp_path, monkeypatch):
+    paths = _rel_paths(image_dir)  # 15 images, batches of 4: interrupted during the third batch
+    cache = tmp_path / "cache"
+    _interrupt_on_call(tiny_backbone, monkeypatch, call=3)
+    with pytest.raises(Interrupted):
+        image_features(tiny_backbone, image_dir, paths, cache, batch_size=4)
+    monkeypatch.undo()
+    counter = EncodeCounter(tiny_backbone, monkeypatch)
+    result = image_features(tiny_backbone, image_dir, paths, cache, batch_size=4)
+    assert counter.images == len(paths) - 8 and result.reused == 8
+    assert torch.allclose(result.features, _reference_clean(tiny_backbone, image_dir, paths), atol=1e-5)
+    assert result.skipped == [], "rows not reached are pending, not unreadable"
+
+
+def test_long_encodings_checkpoint_while_running(tiny_backbone, image_dir, tmp_path, monkeypatch):
+    from aape.features import image_encoder
+
+    paths = _rel_paths(image_dir)
+    cache = tmp_path / "cache"
+    seen = {}
+
+    def inspect_cache():  # what a hard kill (no exception handler) would leave behind
+        cached = view_entry(tiny_backbone, paths, cache, CLEAN).load()
+        seen["rows"] = cached.tensors["rows"].tolist() if cached else None
+        seen["pending"] = (cached.tensors["stats"][:, 0] == -2).sum().item() if cached else None
+
+    monkeypatch.setattr(image_encoder, "CHECKPOINT_EVERY_S", 0.0)
+    _interrupt_on_call(tiny_backbone, monkeypatch, call=3, before=inspect_cache)
+    with pytest.raises(Interrupted):
+        image_features(tiny_backbone, image_dir, paths, cache, batch_size=4)
+    assert seen == {"rows": list(range(8)), "pending": len(paths) - 8}

@@ -9,6 +9,10 @@ re-encoded because the training views changed. Inside an entry every row also re
 
 Augmented view v of an image is drawn with the torch RNG seeded from (seed, relative path, v), so it
 is the same whatever the worker count, batch size or the image's position in the manifest.
+
+Long encodings save partial entries every CHECKPOINT_EVERY_S seconds and when interrupted (rows
+not encoded yet are stored as stale), so a rerun after Ctrl-C, a crash or a corrupt image continues
+where the previous run stopped.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SEEDING_SCHEME = "torch.manual_seed(sha256(seed|path|view)) around train_transform"
 _MISSING_STAT = (-1, -1)
+_PENDING_STAT = -2  # stored for rows not encoded yet when a partial entry is checkpointed
+CHECKPOINT_EVERY_S = 300.0  # long encodings save what is done this often (and when interrupted)
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ class _DecodeDataset(Dataset):
 class _Batch:
     pixels: torch.Tensor  # [B_img, 3, H, W]
     targets: list[tuple[int, int]]  # (row, spec id) of every image in pixels
-    failures: list[tuple[int, str]]  # (row, reason)
+    failures: list[tuple[int, tuple[int, ...], str]]  # (row, spec ids, reason)
     requested: int  # image-views asked for, failed ones included (for the progress bar)
 
     def pin_memory(self) -> "_Batch":
@@ -213,7 +219,7 @@ def _collate(items: list[tuple[int, tuple[int, ...], torch.Tensor | None, str | 
     for row, spec_ids, views, reason in items:
         requested += len(spec_ids)
         if views is None:
-            failures.append((row, reason or "unreadable"))
+            failures.append((row, spec_ids, reason or "unreadable"))
             continue
         pixels.append(views)
         targets.extend((row, s) for s in spec_ids)
@@ -269,6 +275,7 @@ class _ViewState:
     needed: torch.Tensor  # [N] bool: must be (re-)encoded now
     reasons: dict[int, str]  # row -> why unreadable
     dirty: bool  # entry must be (re)written
+    pending: torch.Tensor | None = None  # [N] bool: needed and not processed yet (during encoding)
 
 
 def _initial_state(entry: CacheEntry, stats: torch.Tensor, embed_dim: int) -> _ViewState:
@@ -313,7 +320,7 @@ def encode_views(
     reused = sum(int((~st.needed).sum()) for st in states)
     encoded, seconds = 0, 0.0
     if jobs:
-        encoded, seconds = _encode_jobs(backbone, root, rel_paths, specs, states, jobs, batch_size, num_workers, desc)
+        encoded, seconds = _encode_jobs(backbone, stats, root, rel_paths, specs, states, jobs, batch_size, num_workers, desc)
     for spec, state in zip(specs, states):
         if state.dirty:
             _save_view(state, stats, root, rel_paths, spec)
@@ -343,6 +350,7 @@ def _jobs(states: list[_ViewState], n_rows: int) -> list[tuple[int, tuple[int, .
 
 def _encode_jobs(
     backbone: Backbone,
+    stats: torch.Tensor,
     root: Path,
     rel_paths: list[str],
     specs: Sequence[ViewSpec],
@@ -354,6 +362,7 @@ def _encode_jobs(
 ) -> tuple[int, float]:
     for state in states:  # rows about to be re-encoded lose their old status
         state.valid[state.needed] = False
+        state.pending = state.needed.clone()
         for row in state.needed.nonzero().flatten().tolist():
             state.reasons.pop(row, None)
     dataset = _DecodeDataset(root, rel_paths, jobs, specs, backbone.eval_transform, backbone.train_transform)
@@ -362,30 +371,64 @@ def _encode_jobs(
     total = sum(len(ids) for _, ids in jobs)
     ticker = _ImageTicker(total, f"encode {desc}")
     encoded = 0
-    start = time.perf_counter()
-    for batch in _batches(dataset, rows_per_batch, num_workers, pin=backbone.device.type == "cuda"):
-        for row, reason in batch.failures:
-            for state in states:
-                state.reasons[row] = reason
-        for chunk_start in range(0, len(batch.targets), batch_size):
-            chunk = batch.pixels[chunk_start : chunk_start + batch_size]
-            feats = backbone.encode_images(chunk).cpu()
-            targets = torch.tensor(batch.targets[chunk_start : chunk_start + batch_size]).reshape(-1, 2)
-            for spec_id in targets[:, 1].unique().tolist():
-                mine = targets[:, 1] == spec_id
-                states[spec_id].features[targets[mine, 0]] = feats[mine]
-                states[spec_id].valid[targets[mine, 0]] = True
-            encoded += len(chunk)
-        ticker.advance(batch.requested)
+    start = last_checkpoint = time.perf_counter()
+    try:
+        for batch in _batches(dataset, rows_per_batch, num_workers, pin=backbone.device.type == "cuda"):
+            _record_failures(states, batch)
+            for chunk_start in range(0, len(batch.targets), batch_size):
+                chunk = batch.pixels[chunk_start : chunk_start + batch_size]
+                _store(states, batch.targets[chunk_start : chunk_start + batch_size], backbone.encode_images(chunk).cpu())
+                encoded += len(chunk)
+            ticker.advance(batch.requested)
+            if time.perf_counter() - last_checkpoint >= CHECKPOINT_EVERY_S:
+                _checkpoint(states, stats, root, rel_paths, specs)
+                last_checkpoint = time.perf_counter()
+    except BaseException:
+        if encoded:  # keep what was encoded: a rerun continues from here
+            _checkpoint(states, stats, root, rel_paths, specs)
+        raise
     seconds = time.perf_counter() - start
     if encoded:
         log.info("encoded %d %s image-views in %.1fs (%.1f img/s)", encoded, desc, seconds, encoded / seconds)
     return encoded, seconds
 
 
+def _record_failures(states: list[_ViewState], batch: _Batch) -> None:
+    for row, spec_ids, reason in batch.failures:
+        for spec_id in spec_ids:
+            states[spec_id].reasons[row] = reason
+            states[spec_id].pending[row] = False  # type: ignore[index]
+
+
+def _store(states: list[_ViewState], targets: list[tuple[int, int]], feats: torch.Tensor) -> None:
+    pairs = torch.tensor(targets, dtype=torch.int64).reshape(-1, 2)
+    for spec_id in pairs[:, 1].unique().tolist():
+        mine = pairs[:, 1] == spec_id
+        rows = pairs[mine, 0]
+        state = states[spec_id]
+        state.features[rows] = feats[mine]
+        state.valid[rows] = True
+        state.pending[rows] = False  # type: ignore[index]
+
+
+def _checkpoint(states: list[_ViewState], stats: torch.Tensor, root: Path, rel_paths: list[str], specs: Sequence[ViewSpec]) -> None:
+    """Save partial entries; rows not encoded yet are stored as stale, so a rerun encodes just those."""
+    try:
+        for spec, state in zip(specs, states):
+            if state.dirty:
+                _save_view(state, stats, root, rel_paths, spec)
+        log.info("saved partial features of %d view(s) to the cache", sum(st.dirty for st in states))
+    except Exception as exc:  # never mask the original error with a checkpoint failure
+        log.warning("could not save partial features to the cache: %s", exc)
+
+
 def _save_view(state: _ViewState, stats: torch.Tensor, root: Path, rel_paths: list[str], spec: ViewSpec) -> None:
+    pending = state.pending if state.pending is not None else torch.zeros_like(state.valid)
+    stats = stats.clone()
+    stats[pending] = _PENDING_STAT
     rows = state.valid.nonzero().flatten()
-    skipped = [{"row": r, "path": rel_paths[r], "reason": state.reasons.get(r, "unreadable")} for r in (~state.valid).nonzero().flatten().tolist()]
+    unreadable = (~state.valid & ~pending).nonzero().flatten().tolist()
+    skipped = [{"row": r, "path": rel_paths[r], "reason": state.reasons.get(r, "unreadable")} for r in unreadable]
     state.entry.save(
         {"features": state.features[rows], "rows": rows, "stats": stats},
         {"skipped": skipped, "image_root": str(root), "view": spec.describe()},
