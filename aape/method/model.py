@@ -71,16 +71,17 @@ class ClassifierHead(nn.Module):
 
     def cosine(self, x: torch.Tensor, class_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
         """cos(x, g([w_i; h(x)])) for every pair, [B, C], from the two parts."""
-        act = F.relu(class_part.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, k]
+        act = torch.relu_(class_part.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, k], the only per-pair tensor
         x_norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         if self.expand is None:
-            dots = torch.einsum("bck,bk->bc", act, x)
+            dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)
             sq_norms = act.pow(2).sum(-1)
         else:
             V, c = self.expand.weight, self.expand.bias  # [d, k], [d]
-            dots = torch.einsum("bck,bk->bc", act, x @ V) + (x @ c).unsqueeze(1)
-            gram = V.T @ V
-            sq_norms = ((act @ gram) * act).sum(-1) + 2 * act @ (V.T @ c) + c @ c
+            dots = torch.bmm(act, (x @ V).unsqueeze(-1)).squeeze(-1) + (x @ c).unsqueeze(1)
+            # |V r + c|² = r·(VᵀV r + 2Vᵀc) + |c|²
+            quad = (act @ (V.T @ V)).add_(2 * (V.T @ c))
+            sq_norms = (act * quad).sum(-1) + c @ c
         # |w| from the quadratic form can dip a hair below 0 by rounding: clamp before the root
         w_norm = sq_norms.clamp_min(_EPS**2).sqrt()
         return dots / (x_norm * w_norm)
