@@ -106,7 +106,7 @@ def counter(tiny_backbone, monkeypatch) -> EncodeCounter:
 @pytest.fixture
 def stage_backbone(tiny_backbone, monkeypatch):
     """The stage builds its backbone itself; give it the session's tiny one (fixed random weights)."""
-    monkeypatch.setattr(extract_features, "load_backbone", lambda *args, **kwargs: tiny_backbone)
+    monkeypatch.setattr(extract_features, "build_backbone", lambda params: tiny_backbone)
     return tiny_backbone
 
 
@@ -444,3 +444,12 @@ def test_long_encodings_checkpoint_while_running(tiny_backbone, image_dir, tmp_p
     with pytest.raises(Interrupted):
         image_features(tiny_backbone, image_dir, paths, cache, batch_size=4)
     assert seen == {"rows": list(range(8)), "pending": len(paths) - 8}
+
+
+def test_build_backbone_gives_the_same_random_weights_in_every_process(tiny_params):
+    from aape.features import build_backbone
+    from aape.features.image_encoder import backbone_key
+
+    first, second = build_backbone(tiny_params), build_backbone(tiny_params)
+    assert backbone_key(first) == backbone_key(second)
+    assert torch.equal(first.encode_texts(["a cloud"]), second.encode_texts(["a cloud"]))

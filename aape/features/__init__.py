@@ -6,11 +6,13 @@ and in docs/architecture.md. Other stages encode extra images or texts through t
 """
 
 from aape.features.bundle import FeatureBundle, FeatureError, load_bundle, read_index, split_file, text_file
+from aape.features.extract import build_backbone
 from aape.features.image_encoder import ImageFeatures, SkippedImage, image_features
 from aape.features.text_encoder import class_template_features, text_features
 
 __all__ = [
     "FeatureBundle",
+    "build_backbone",
     "FeatureError",
     "ImageFeatures",
     "SkippedImage",

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from aape.backbone import RANDOM_INIT_NOTICE, Backbone
+from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
 from aape.features.bundle import (
     FORMAT,
@@ -33,6 +33,10 @@ from aape.features.text_encoder import encode_texts_cached, ensemble_mean, text_
 from aape.layout import Layout
 
 log = logging.getLogger(__name__)
+
+# Random-init weights are drawn from this seed so that every process (a rerun of extract-features,
+# the evaluation encoding extra sets) builds the same weights and finds its features in the cache.
+RANDOM_INIT_SEED = 0
 
 MANIFEST_COLUMNS = ("path", "label")
 DESCRIPTION_COLUMNS = ("class_index", "text")
@@ -58,6 +62,15 @@ class ExtractionReport:
     @property
     def images_per_s(self) -> float | None:
         return self.images_encoded / self.encode_seconds if self.encode_seconds > 0 else None
+
+
+def build_backbone(params: Params) -> Backbone:
+    """The backbone as extract-features builds it: random-init weights reproducible across processes."""
+    if not params.backbone.random_init:
+        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
 
 
 # inputs ----------------------------------------------------------------------------------------

@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
+from aape.backbone import RANDOM_INIT_NOTICE
 from aape.config import Params
-from aape.features.extract import Extractor
+from aape.features.extract import Extractor, build_backbone
 from aape.layout import Layout
 from aape.logs import stage
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-
-# Random-init weights are drawn from this seed so that a rerun (a new process) builds the same
-# weights and finds its features in the cache instead of re-encoding everything.
-RANDOM_INIT_SEED = 0
-
-
-def build_backbone(params: Params) -> Backbone:
-    if not params.backbone.random_init:
-        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
-    with torch.random.fork_rng():
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
 
 
 def run(params: Params, tracker: Tracker | None = None) -> dict:
