@@ -37,7 +37,9 @@ CLASSNAMES = ["ant", "bee", "cat", "dog", "eel", "fox"]
 TRAIN = [1, 3, 5]  # base classes as global labels: local 0, 1, 2
 
 
-def write_artifacts(root: Path, seeds=(1,), dim: int = 32, drop_descriptions_of: int | None = None) -> None:
+def write_artifacts(
+    root: Path, seeds=(1,), dim: int = 32, drop_descriptions_of: int | None = None, negate_descriptions: bool = False
+) -> None:
     """classes.json, a tiny descriptions.parquet and features/ as extract-features writes them."""
     world = make_world(classes=6, dim=dim, shots=4, views=3, val_shots=2, relevant=3, irrelevant=5, seed=7)
     layout = Layout(root, root / "cache")
@@ -64,7 +66,7 @@ def write_artifacts(root: Path, seeds=(1,), dim: int = 32, drop_descriptions_of:
         atomic_save_tensors(folder / "val.safetensors", {"features": world.data.val_features[in_val], "labels": world.data.val_labels[in_val]}, meta)
     atomic_save_tensors(layout.features / "test.safetensors", {"features": world.data.val_features, "labels": world.data.val_labels}, meta)
     owner = torch.arange(6).repeat_interleave(world.bank.embeddings.shape[1])
-    flat = world.bank.embeddings.flatten(0, 1)
+    flat = world.bank.embeddings.flatten(0, 1) * (-1 if negate_descriptions else 1)
     if drop_descriptions_of is not None:
         flat, owner = flat[owner != drop_descriptions_of], owner[owner != drop_descriptions_of]
     text = {"class_prompts": world.class_text, "class_ensemble": world.class_text.clone(), "descriptions": flat, "description_class": owner}
@@ -134,6 +136,7 @@ def test_both_stages_write_their_artifacts_and_the_model_classifies(artifacts):
     meta = json.loads((out / "generator.json").read_text())
     assert meta["lambda_distill"] == 5.0 and meta["random_init"] is True and meta["logit_scale"] == 14.29
     assert meta["train_classnames"] == ["bee", "dog", "fox"] and meta["train_classes"] == TRAIN
+    assert meta["class_template"] == "a photo of a {}."
     assert 1 <= meta["best_epoch"] <= 6 and 0 <= meta["best_val_accuracy"] <= 1
     assert json.loads((out / "nodistill" / "generator.json").read_text())["lambda_distill"] == 0.0
     assert gen_summary["params_h"] == 32 * 32 + 32 + 32 * 32 + 32
@@ -201,6 +204,15 @@ def test_a_training_class_without_descriptions_is_named(tmp_path):
     write_artifacts(tmp_path / "artifacts", drop_descriptions_of=3)
     with pytest.raises(MissingDescriptionsError, match=r"3 \(dog\)"):
         train_aggregator.run(_params(tmp_path))
+
+
+def test_a_reward_without_signal_is_reported(tmp_path, caplog):
+    # descriptions pointing away from their images: cos(x, p^a) < 0 everywhere, the clamped reward is 0
+    write_artifacts(tmp_path / "artifacts", negate_descriptions=True)
+    with caplog.at_level("WARNING", logger="aape"):
+        summary = train_aggregator.run(_params(tmp_path))
+    assert summary["val_reward_mean"] == 0.0
+    assert "the CLIP reward was zero" in caplog.text and "expected with a RANDOM-INIT backbone" in caplog.text
 
 
 def test_an_interrupted_stage_resumes_to_the_same_model(artifacts, tmp_path, monkeypatch):

@@ -75,7 +75,9 @@ class RewardObjective:
         summary = model.summarize(x, self.bank, self.data.labels[items])
         reward = clip_reward(x, summary, self.scale)
         cos = F.cosine_similarity(x, summary, dim=-1)
-        return -reward.mean(), {"reward": reward.mean().detach(), "cos": cos.mean().detach()}
+        # "active": share of images with cos > 0, the only ones the clamped reward sends a gradient from
+        figures = {"reward": reward.mean().detach(), "cos": cos.mean().detach(), "active": (cos > 0).float().mean()}
+        return -reward.mean(), figures
 
     def validate(self, model: Aggregator) -> dict[str, float]:
         x, labels = self.data.val_features, self.data.val_labels

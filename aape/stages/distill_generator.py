@@ -122,6 +122,8 @@ def _train_one(
         "aggregator_variant": params.aggregator.variant if lam > 0 else None,
         "train_classnames": inputs.classnames,
         "train_classes": inputs.train_classes,
+        # the template the class texts w_i were encoded with: prediction must encode new names the same way
+        "class_template": bundle.index.get("class_template", params.features.class_template),
         "epochs": epochs,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_figures["val_accuracy"],

@@ -74,6 +74,7 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
             aggregator, data, bank_dev, cfg.schedule, epochs, seed, cfg.reward_scale, resume, fingerprint, tracker
         )
         history, best_epoch, best = result.history, result.best_epoch, result.best_figures
+        _warn_if_no_signal(history, facts["random_init"])
     else:  # mean / random: nothing to learn, but report the same validation figure
         log.info("aggregator '%s' has no parameters: no training", cfg.variant)
         history, best_epoch = [], 0
@@ -105,3 +106,19 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
     outputs.extend([*paths, summaries_path, history_path])
     log.info("seed %d: best epoch %d, validation reward %.4f", seed, best_epoch, best["val_reward"])
     return {"best_epoch": best_epoch, "best_val_reward": best["val_reward"], "params": n_params, "random_init": facts["random_init"]}
+
+
+def _warn_if_no_signal(history: list[dict[str, Any]], random_init: bool) -> None:
+    """The reward s·max(cos, 0) gives no gradient where cos(x, p^a) <= 0: say so when that was everywhere."""
+    active = max((r.get("train_active", 0.0) for r in history), default=0.0)
+    if active < 0.01:
+        cause = (
+            "expected with a RANDOM-INIT backbone, whose image and text embeddings are unrelated"
+            if random_init
+            else "check that the descriptions and images belong together and that the backbone is the intended one"
+        )
+        log.warning(
+            "the CLIP reward was zero for (almost) every training image (cos(x, p^a) <= 0), so the aggregator got no "
+            "gradient and its summaries stay close to the description mean: %s",
+            cause,
+        )
