@@ -57,3 +57,12 @@ def tiny_params(tmp_path: Path) -> Params:
             "features.augmented_views=2",
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (SQLite, 127.0.0.1) for the session's flow tests, stopped after."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

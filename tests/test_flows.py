@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 prefect = pytest.importorskip("prefect")
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from aape.stages import STAGES  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _fake_stages(monkeypatch, calls: list[str]):
