@@ -17,6 +17,10 @@ log = logging.getLogger("aape")
 
 def setup_logging(level: str | int = "INFO") -> None:
     """Idempotent: one stderr handler on the 'aape' logger, timestamps, no duplicate lines."""
+    # Libraries that log through the root logger (open_clip's logging.warning) would otherwise make
+    # Python add a root handler on the fly, and every aape line would then print twice.
+    if not logging.getLogger().handlers:
+        logging.getLogger().addHandler(logging.NullHandler())
     root = logging.getLogger("aape")
     root.setLevel(level)
     if not any(getattr(h, "_aape", False) for h in root.handlers):
