@@ -16,7 +16,7 @@ import torch
 
 from aape.evaluation import plots
 from aape.evaluation.classifiers import EvaluationError
-from aape.evaluation.metrics import confusion_matrix, harmonic_mean, mean_std
+from aape.evaluation.metrics import confusion_matrix, harmonic_mean_of_means, mean_std
 from aape.evaluation.report import METHOD_TITLES
 from aape.evaluation.results import BASE2NEW, SetOutcome
 from aape.features import FeatureBundle
@@ -58,29 +58,29 @@ def shots_result_files(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def headline_per_seed(results: pd.DataFrame, scope: str, dataset: str) -> pd.DataFrame:
-    """(method, shots, seed, value): H per seed for base-to-new, else accuracy."""
+def per_seed_sets(results: pd.DataFrame, scope: str, dataset: str) -> pd.DataFrame:
+    """(method, shots, seed) -> one column of accuracy per eval set, for one scope and dataset."""
     rows = results[(results["scope"] == scope) & (results["dataset"] == dataset)]
-    out = []
-    for (method, shots, seed), group in rows.groupby(["method", "shots", "seed"], sort=False):
-        by_set = dict(zip(group["eval_set"], group["accuracy"]))
-        value = harmonic_mean(by_set.get("base", np.nan), by_set.get("new", np.nan)) if scope == BASE2NEW else by_set.get("all", np.nan)
-        out.append({"method": method, "shots": int(shots), "seed": int(seed), "value": float(value)})
-    return pd.DataFrame(out, columns=["method", "shots", "seed", "value"])
+    table = rows.pivot_table(index=["method", "shots", "seed"], columns="eval_set", values="accuracy",
+                             aggfunc="first", dropna=False)
+    return table.reset_index()
 
 
 def shots_curve(current: pd.DataFrame, others: Sequence[Path], scope: str, dataset: str, methods: Sequence[str]) -> pd.DataFrame:
-    """Mean ± std over seeds per method and shot count; this run's figures win over a file's."""
-    frames = [headline_per_seed(current, scope, dataset)]
-    for path in others:
-        frames.append(headline_per_seed(pd.read_parquet(path), scope, dataset))
+    """Mean ± std over seeds per method and shot count, as the report tables them (base-to-new: H
+    of the mean B and N); this run's figures win over a file's for the same method, shots and seed."""
+    frames = [per_seed_sets(current, scope, dataset)]
+    frames += [per_seed_sets(pd.read_parquet(path), scope, dataset) for path in others]
     per_seed = pd.concat(frames).drop_duplicates(["method", "shots", "seed"], keep="first")
-    per_seed = per_seed[per_seed["method"].isin(methods)]
     rows = []
-    for (method, shots), group in per_seed.groupby(["method", "shots"], sort=False):
-        stats = mean_std(group["value"].tolist())
-        if stats.n:
-            rows.append({"method": method, "shots": shots, "mean": stats.mean, "std": stats.std})
+    for (method, shots), group in per_seed[per_seed["method"].isin(methods)].groupby(["method", "shots"], sort=False):
+        if scope == BASE2NEW:
+            both = group[["base", "new"]].dropna() if {"base", "new"} <= set(group.columns) else group.iloc[:0]
+            stats = harmonic_mean_of_means(both["base"].tolist(), both["new"].tolist()) if len(both) else None
+        else:
+            stats = mean_std(group["all"].tolist()) if "all" in group.columns else None
+        if stats is not None and stats.n:
+            rows.append({"method": method, "shots": int(shots), "mean": stats.mean, "std": stats.std})
     rank = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (rank[r["method"]], r["shots"]))
     return pd.DataFrame(rows, columns=["method", "shots", "mean", "std"])

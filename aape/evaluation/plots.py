@@ -32,16 +32,18 @@ def accuracy_vs_shots(curve: pd.DataFrame, metric_label: str, path: Path, title:
     shot_counts = sorted(curve["shots"].unique())
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    for method, group in curve.groupby("method", sort=False):
+    methods = list(dict.fromkeys(curve["method"]))
+    for i, (method, group) in enumerate(curve.groupby("method", sort=False)):
         group = group.sort_values("shots")
-        ax.errorbar(group["shots"], group["mean"], yerr=group["std"], marker="o", capsize=3,
+        dodge = 2.0 ** (0.05 * (i - (len(methods) - 1) / 2))  # side by side, so equal figures stay visible
+        ax.errorbar(group["shots"] * dodge, group["mean"], yerr=group["std"], marker="o", capsize=3,
                     linestyle="-" if len(group) > 1 else "none", label=METHOD_TITLES.get(method, method))
     ax.set_xscale("log", base=2)
     ax.set_xticks(shot_counts, [str(s) for s in shot_counts])
     ax.set_xlabel("shots per class")
     ax.set_ylabel(metric_label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if len(shot_counts) == 1:
         remark = (f"Accuracy against shots: only {shot_counts[0]} shots were evaluated, so the plot shows single "
                   f"points, not a curve. Evaluate runs with other data.shots and list their results.parquet in "
@@ -71,7 +73,8 @@ def per_class_bars(per_class: pd.DataFrame, methods: Sequence[str], path: Path, 
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    handles, labels = ax.get_legend_handles_labels()  # top-down in the legend as in each bar group
+    ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 

@@ -23,7 +23,8 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -78,8 +79,7 @@ def validate_class_names(names: Sequence[str], source: str = "class names") -> l
         raise PredictionError(
             f"{source} gives {len(names)} class name(s); give at least two, comma-separated or one per line in a file"
         )
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise PredictionError(f"{source} lists {', '.join(map(repr, duplicates))} more than once; each class once")
     return names
@@ -196,7 +196,7 @@ class Predictor:
     class_template: str
     batch_size: int
     model_dir: Path
-    _text_cache: dict[tuple[str, ...], torch.Tensor] | None = None
+    _text_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def load(cls, model_dir: Path, params: Params) -> "Predictor":
@@ -208,16 +208,10 @@ class Predictor:
         model = AAPEModel.load(model_dir, expect_identity=backbone.identity, expect_embed_dim=backbone.embed_dim,
                                device=backbone.device)
         template = meta.get("class_template") or params.features.class_template
-        return cls(backbone, model, template, params.evaluation.batch_size, model_dir, {})
-
-    @property
-    def random_init(self) -> bool:
-        return bool(self.backbone.random_init)
+        return cls(backbone, model, template, params.evaluation.batch_size, model_dir)
 
     def class_text(self, classnames: Sequence[str]) -> torch.Tensor:
         key = tuple(classnames)
-        if self._text_cache is None:
-            self._text_cache = {}
         if key not in self._text_cache:
             texts = [self.class_template.format(name) for name in classnames]
             self._text_cache[key] = torch.cat(

@@ -75,7 +75,8 @@ def _footnotes(ctx: ReportContext, scope: str) -> list[str]:
     seen: dict[str, str] = {}
     for (s, dataset, method, eval_set), reason in ctx.notes.items():
         if s == scope:
-            seen.setdefault(f"{METHOD_TITLES.get(method, method)}", f"n/a on {dataset} {eval_set}: {reason}")
+            where = dataset if eval_set == "all" else f"the {eval_set} classes of {dataset}"
+            seen.setdefault(METHOD_TITLES.get(method, method), f"n/a on {where}: {reason}")
     return [f"- {method}: {text}." for method, text in seen.items()]
 
 

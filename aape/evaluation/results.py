@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -193,9 +193,3 @@ def flat_metrics(summary: dict[tuple[str, str, str], dict[str, MeanStd]]) -> dic
 def notes_by_method(outcomes: Iterable[SetOutcome]) -> dict[tuple[str, str, str, str], str]:
     """(scope, dataset, method, eval_set) -> why that method was not applicable there."""
     return {(o.scope, o.dataset, o.method, o.eval_set): o.note for o in outcomes if not o.applicable and o.note}
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
