@@ -1,0 +1,289 @@
+"""Benchmark of frozen-feature extraction (issue 6), on this machine's CPU with random weights.
+
+    .venv/bin/python benchmarks/bench_features.py            # ViT-B-16 at 224 px, ~5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_features.py --quick    # smaller counts, ~2 minutes
+
+Figures, each measured side by side in one run (rounds interleave the measurements so that load
+from other processes hits all of them alike; the best round of each is kept):
+  1. extractor images/s (real JPEGs: decode in workers, preprocess, encode, cache write) beside the
+     ceiling = measured matmul GFLOP/s / the model's GFLOP per image.     target >= 60% of ceiling
+  2. the same encoder fed pre-decoded tensors: decoding's share of throughput.   target <= 10%
+  3. text descriptions (CuPL sentences) encoded per second.                 (no target)
+  4. cached rerun vs cold run of the same extraction.                        target >= 50x
+  5. peak RSS while encoding 1k..10k images, each count in a fresh process. target: no growth
+     beyond the output itself (+64 MiB slack). Uses a small model (aape-tiny, 32 px) because
+     10,000 images through ViT-B-16 take ~45 minutes on 2 cores; the pipeline code is the same.
+Random weights cost the same FLOPs as trained ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from aape.backbone import Backbone, load_backbone  # noqa: E402
+from aape.config import BackboneConfig  # noqa: E402
+from aape.data.images import open_image  # noqa: E402
+from aape.features import image_features, text_features  # noqa: E402
+
+ASSETS = REPO.parent / "shared" / "assets"
+CIFAR = ASSETS / "images" / "cifar10_test"
+CUPL = ASSETS / "descriptors" / "susx_cupl" / "CuPL_prompts_imagenet.json"
+MIB = 1024 * 1024
+
+
+def cifar_paths(count: int) -> list[str]:
+    """The first `count` CIFAR-10 test JPEGs, interleaving classes: relative to CIFAR."""
+    classes = sorted(p.name for p in CIFAR.iterdir() if p.is_dir())
+    per_class = [sorted(f"{c}/{f.name}" for f in (CIFAR / c).glob("*.jpg")) for c in classes]
+    interleaved = [p for group in zip(*per_class) for p in group]
+    if count > len(interleaved):
+        raise SystemExit(f"only {len(interleaved)} images in {CIFAR}, {count} requested")
+    return interleaved[:count]
+
+
+# FLOPs and the matmul ceiling ------------------------------------------------------------------
+
+
+def forward_gflops(backbone: Backbone, tower: str) -> float:
+    """Forward GFLOPs for one image (tower="image") or one 77-token text (tower="text"): counted
+    matmuls/convs plus attention's QK^T and AV, hooked because torch's flop counter does not see the
+    CPU attention kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention_flops = []
+
+    def hook(module, args, kwargs, output):
+        query = args[0] if args else kwargs["query"]
+        batch, seq, width = query.shape if module.batch_first else (query.shape[1], query.shape[0], query.shape[2])
+        attention_flops.append(2 * 2 * batch * seq * seq * width)
+
+    model = backbone.model
+    if tower == "image":
+        modules, run = model.visual.modules(), lambda: model.encode_image(torch.randn(1, 3, backbone.image_size, backbone.image_size))
+    else:
+        text_modules = [m for name, m in model.named_modules() if not name.startswith("visual")]
+        modules, run = iter(text_modules), lambda: model.encode_text(backbone.tokenizer(["a photo of a dog."]))
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules if isinstance(m, torch.nn.MultiheadAttention)]
+    model.train()  # the training path of nn.MultiheadAttention is visible to the counter
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+    finally:
+        model.eval()
+        for h in handles:
+            h.remove()
+    counted = counter.get_flop_counts()["Global"]
+    seen_attention = any("attention" in str(op) or "bmm" in str(op) for op in counted)
+    return (counter.get_total_flops() + (0 if seen_attention else sum(attention_flops))) / 1e9
+
+
+def matmul_gflops(seconds: float = 1.5) -> float:
+    """Best sustained fp32 GEMM rate over the shapes a ViT-B runs (tokens x 768 x 3072 and back)."""
+    best = 0.0
+    for m, k, n in ((1576, 768, 3072), (1576, 3072, 768), (4096, 768, 3072)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            calls += 1
+        best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# the measurements ------------------------------------------------------------------------------
+
+
+def predecoded_rate(backbone: Backbone, pixels: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        backbone.encode_images(pixels[i : i + batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def extractor_run(backbone: Backbone, paths: list[str], cache: Path, batch_size: int, workers: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    result = image_features(backbone, CIFAR, paths, cache, batch_size=batch_size, num_workers=workers)
+    return time.perf_counter() - start, result.encoded
+
+
+def cupl_sentences(count: int) -> list[str]:
+    data = json.loads(CUPL.read_text())
+    sentences = [s for group in data.values() for s in group]
+    return sentences[:count]
+
+
+def current_rss() -> int:
+    """Resident set size of this process now (Linux /proc; elsewhere the lifetime peak)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS every few milliseconds; `peak` is the highest seen."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval_s, self.peak, self._halt = interval_s, current_rss(), threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval_s)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return max(self.peak, current_rss())
+
+
+def memory_child(count: int, model: str, batch_size: int, workers: int) -> None:
+    """Run in a fresh process: encode `count` images, print RSS figures as JSON."""
+    torch.set_num_threads(2)
+    backbone = load_backbone(BackboneConfig(model=model, pretrained="random-init"), device="cpu")
+    paths = cifar_paths(count)
+    with tempfile.TemporaryDirectory() as cache:
+        image_features(backbone, CIFAR, paths[:batch_size], Path(cache) / "warm", batch_size=batch_size)
+        before = current_rss()
+        sampler = RssSampler()
+        sampler.start()
+        start = time.perf_counter()
+        result = image_features(backbone, CIFAR, paths, Path(cache) / "run", batch_size=batch_size, num_workers=workers)
+        seconds = time.perf_counter() - start
+        peak = sampler.stop()
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({
+        "count": count, "seconds": seconds, "rss_before": before, "peak_rss": peak, "peak_rss_worker": worker_peak,
+        "output_bytes": result.features.numel() * 4,
+    }))
+
+
+def measure_memory(counts: list[int], model: str, batch_size: int, workers: int) -> list[dict]:
+    rows = []
+    for count in counts:
+        cmd = [sys.executable, __file__, "--memory-child", str(count), "--memory-model", model,
+               "--batch-size", str(batch_size), "--workers", str(workers)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode != 0:
+            raise SystemExit(f"memory measurement for {count} images failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"  {count:>6} images: peak RSS while encoding {r['peak_rss'] / MIB:7.1f} MiB (before: {r['rss_before'] / MIB:7.1f} MiB), "
+              f"largest worker {r['peak_rss_worker'] / MIB:6.1f} MiB, {r['seconds']:.1f}s", flush=True)
+    return rows
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best kept)")
+    parser.add_argument("--images", type=int, default=32, help="images per round and measurement")
+    parser.add_argument("--batch-size", type=int, default=8, help="several batches per round, so decoding overlaps encoding as in a real run")
+    parser.add_argument("--workers", type=int, default=2, help="decode workers (features.num_workers)")
+    parser.add_argument("--texts", type=int, default=128)
+    parser.add_argument("--memory-model", default="aape-tiny")
+    parser.add_argument("--memory-counts", default="1000,2500,5000,10000")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 12 images, 64 texts, memory up to 5000")
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child, args.memory_model, args.batch_size, args.workers)
+        return 0
+    if args.quick:
+        args.rounds, args.images, args.texts, args.memory_counts = 2, 12, 64, "1000,2500,5000"
+    if not CIFAR.is_dir():
+        print(f"SKIP: {CIFAR} not present (../shared is only beside a developer checkout)")
+        return 0
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    total_start = time.perf_counter()
+    print(f"bench_features: {args.model} random-init, CPU, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, {args.workers} decode workers", flush=True)
+    backbone = load_backbone(BackboneConfig(model=args.model, pretrained="random-init"), device="cpu")
+    gflop_per_image = forward_gflops(backbone, "image")
+    gflop_per_text = forward_gflops(backbone, "text")
+    paths = cifar_paths(args.images)
+    pixels = torch.stack([backbone.eval_transform(open_image(CIFAR / p)) for p in paths])
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: weights digest, kernels for these shapes
+        image_features(backbone, CIFAR, paths[: args.batch_size], Path(tmp) / "warm", batch_size=args.batch_size)
+    predecoded_rate(backbone, pixels[: args.batch_size], args.batch_size)
+    print(f"model: {gflop_per_image:.2f} GFLOP per {backbone.image_size}px image, {gflop_per_text:.2f} GFLOP per text", flush=True)
+
+    gemm, predecoded, extractor, cold_s, cached_s = [], [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            gemm.append(matmul_gflops())
+            predecoded.append(predecoded_rate(backbone, pixels, args.batch_size))
+            cache = Path(tmp) / f"round{r}"
+            seconds, encoded = extractor_run(backbone, paths, cache, args.batch_size, args.workers)
+            assert encoded == len(paths)
+            extractor.append(len(paths) / seconds)
+            cold_s.append(seconds)
+            seconds, encoded = extractor_run(backbone, paths, cache, args.batch_size, args.workers)
+            assert encoded == 0, "the rerun must come from the cache"
+            cached_s.append(seconds)
+            print(f"round {r + 1}: matmul {gemm[-1]:.1f} GFLOP/s, pre-decoded {predecoded[-1]:.2f} img/s, "
+                  f"extractor (JPEG) {extractor[-1]:.2f} img/s, cached rerun {cached_s[-1] * 1000:.1f} ms", flush=True)
+
+        text_list = cupl_sentences(args.texts)
+        start = time.perf_counter()
+        text_features(backbone, text_list, Path(tmp) / "texts", batch_size=64)
+        text_cold = time.perf_counter() - start
+        start = time.perf_counter()
+        text_features(backbone, text_list, Path(tmp) / "texts", batch_size=64)
+        text_cached = time.perf_counter() - start
+
+    print(f"memory: {args.memory_model} in a fresh process per count, {args.workers} workers", flush=True)
+    counts = [int(c) for c in args.memory_counts.split(",")]
+    memory = measure_memory(counts, args.memory_model, 64, args.workers)
+
+    ceiling = max(gemm) / gflop_per_image
+    best_extractor, best_predecoded = max(extractor), max(predecoded)
+    efficiency = best_extractor / ceiling
+    decode_share = max(0.0, 1 - best_extractor / best_predecoded)
+    speedup = min(cold_s) / max(min(cached_s), 1e-9)
+    growth = memory[-1]["peak_rss"] - memory[0]["peak_rss"]
+    allowed = memory[-1]["output_bytes"] + 64 * MIB
+    per_image = growth / max(counts[-1] - counts[0], 1)
+
+    print("\n==== results (best of rounds) ====")
+    print(f"matmul throughput           {max(gemm):8.1f} GFLOP/s  -> ceiling {ceiling:.2f} img/s")
+    print(f"extractor, real JPEGs       {best_extractor:8.2f} img/s    = {efficiency:.0%} of ceiling   "
+          f"target >= 60%   {verdict(efficiency >= 0.60)}")
+    print(f"encoder, pre-decoded        {best_predecoded:8.2f} img/s    decoding costs {decode_share:.1%}   "
+          f"target <= 10%   {verdict(decode_share <= 0.10)}")
+    text_rate = len(text_list) / text_cold
+    print(f"text descriptions           {text_rate:8.1f} texts/s  = {text_rate / (max(gemm) / gflop_per_text):.0%} of its "
+          f"ceiling ({len(text_list)} CuPL sentences; cached rerun {text_cached * 1000:.1f} ms)")
+    print(f"cached rerun vs cold        {speedup:8.0f}x        ({min(cold_s):.2f}s vs {min(cached_s) * 1000:.1f} ms)   "
+          f"target >= 50x   {verdict(speedup >= 50)}")
+    print(f"peak RSS {counts[0]} -> {counts[-1]} images   {memory[0]['peak_rss'] / MIB:.1f} -> {memory[-1]['peak_rss'] / MIB:.1f} MiB "
+          f"(+{growth / MIB:.1f} MiB, {per_image:.0f} B/image; output {memory[-1]['output_bytes'] / MIB:.1f} MiB)   "
+          f"target: growth <= output + 64 MiB   {verdict(growth <= allowed)}")
+    print(f"total benchmark time {time.perf_counter() - total_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
