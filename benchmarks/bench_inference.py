@@ -151,6 +151,11 @@ def main() -> int:
     print(f"  {'method':<22}{'images/s':>14}{'vs zero-shot':>14}")
     for name, rate in e2e.items():
         print(f"  {name:<22}{rate:>14.2f}{rate / e2e['zeroshot']:>13.3f}x")
+    # the same ratio derived from quieter measurements: per-image end-to-end time of zero-shot, with
+    # its head swapped for AAPE's (head times from the cached-feature runs); robust to CPU contention
+    per_image = 1.0 / e2e["zeroshot"] - 1.0 / cached["zeroshot"] + 1.0 / cached["aape"]
+    print(f"  derived from the head timings: AAPE end to end = {1.0 / per_image / e2e['zeroshot']:.4f}x zero-shot "
+          f"(head {1e3 / cached['aape']:.3f} ms/image vs {1e3 / e2e['zeroshot']:.0f} ms/image end to end)")
     verdict = "PASS" if ratio >= TARGET_END_TO_END else "FAIL"
     print(f"\ntarget: AAPE end to end >= {TARGET_END_TO_END:.1f}x zero-shot CLIP: measured {ratio:.3f}x -> {verdict}")
     return 0 if verdict == "PASS" else 1
