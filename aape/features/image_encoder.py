@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
@@ -152,14 +153,15 @@ def view_entry(backbone: Backbone, rel_paths: Sequence[str], cache_dir: Path | s
 
 def file_stats(root: Path, rel_paths: Sequence[str]) -> torch.Tensor:
     """(size, mtime_ns) of every file, (-1, -1) when missing: [N, 2] int64."""
-    stats = torch.empty(len(rel_paths), 2, dtype=torch.int64)
-    for i, rel in enumerate(rel_paths):
+    rows: list[tuple[int, int]] = []
+    base = os.fspath(root)
+    for rel in rel_paths:
         try:
-            st = os.stat(root / rel)
-            stats[i, 0], stats[i, 1] = st.st_size, st.st_mtime_ns
+            st = os.stat(os.path.join(base, rel))
+            rows.append((st.st_size, st.st_mtime_ns))
         except OSError:
-            stats[i, 0], stats[i, 1] = _MISSING_STAT
-    return stats
+            rows.append(_MISSING_STAT)
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
 
 # decoding --------------------------------------------------------------------------------------
@@ -344,8 +346,8 @@ def encode_views(
 def _jobs(states: list[_ViewState], n_rows: int) -> list[tuple[int, tuple[int, ...]]]:
     if not states:
         return []
-    needed = torch.stack([st.needed for st in states])  # [S, N]
-    return [(row, tuple(needed[:, row].nonzero().flatten().tolist())) for row in needed.any(dim=0).nonzero().flatten().tolist()]
+    needed = torch.stack([st.needed for st in states], dim=1).numpy()  # [N, S]
+    return [(int(row), tuple(int(s) for s in np.flatnonzero(needed[row]))) for row in np.flatnonzero(needed.any(axis=1))]
 
 
 def _encode_jobs(
