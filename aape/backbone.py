@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT = "random-init"
 RANDOM_INIT_NOTICE = "RANDOM-INIT BACKBONE: weights are random, accuracies mean nothing about CLIP"
+# Random-init weights come from a fixed seed, so every process (each stage, predict, a rerun)
+# builds the very same network and cached features stay valid.
+RANDOM_INIT_SEED = 0
 _REACH_TIMEOUT_S = 3.0
 
 
@@ -104,13 +107,18 @@ def register_model_configs() -> None:
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def to_rgb(image):
+    """A named function (not a lambda) so transforms pickle into spawn-based DataLoader workers."""
+    return image.convert("RGB")
+
+
 def coop_train_transform(size: int, mean, std) -> T.Compose:
     """CoOp's training augmentation: random resized crop + horizontal flip, bicubic."""
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(to_rgb),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]
@@ -123,7 +131,7 @@ def clip_eval_transform(size: int, mean, std) -> T.Compose:
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(to_rgb),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]
@@ -216,7 +224,9 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", imag
         check_pretrained_reachable(cfg.model, cfg.pretrained)
         pretrained, weights_id = cfg.pretrained, f"tag:{cfg.pretrained}"
     try:
-        model = open_clip.create_model(cfg.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(cfg.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
     except Exception as exc:  # open_clip raises several types for bad checkpoints
         raise BackboneError(f"could not build {cfg.model} with weights '{cfg.pretrained}': {exc}") from exc
     model.eval().requires_grad_(False)

@@ -69,3 +69,19 @@ def test_image_size_override_changes_transforms(tiny_backbone):
     image = Image.new("RGB", (100, 80), (200, 10, 10))
     assert big.eval_transform(image).shape == (3, 48, 48)
     assert tiny_backbone.train_transform(image).shape == (3, 32, 32)
+
+
+def test_random_init_weights_are_the_same_in_every_load():
+    """Separate stages (and processes) must build one network, or cached features would not match."""
+    cfg = BackboneConfig(model="aape-tiny", pretrained="random-init")
+    torch.manual_seed(123)
+    first = load_backbone(cfg, device="cpu").encode_texts(["a photo of a cat."])
+    torch.manual_seed(456)
+    second = load_backbone(cfg, device="cpu").encode_texts(["a photo of a cat."])
+    assert torch.equal(first, second)
+    # and the caller's random stream is left as it was
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    load_backbone(cfg, device="cpu")
+    assert torch.equal(torch.rand(1), expected)

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # Random-init weights are drawn from this seed so that every process (a rerun of extract-features,
 # the evaluation encoding extra sets) builds the same weights and finds its features in the cache.
-RANDOM_INIT_SEED = 0
 
 MANIFEST_COLUMNS = ("path", "label")
 DESCRIPTION_COLUMNS = ("class_index", "text")
@@ -65,12 +64,8 @@ class ExtractionReport:
 
 
 def build_backbone(params: Params) -> Backbone:
-    """The backbone as extract-features builds it: random-init weights reproducible across processes."""
-    if not params.backbone.random_init:
-        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
-    with torch.random.fork_rng():
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+    """The backbone as every stage builds it (random-init weights are seeded in load_backbone)."""
+    return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
 
 
 # inputs ----------------------------------------------------------------------------------------
