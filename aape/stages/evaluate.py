@@ -25,7 +25,7 @@ from aape.evaluation.outputs import (
     write_parquet,
 )
 from aape.evaluation.plots import accuracy_vs_shots
-from aape.evaluation.protocols import ClassesInfo, build_classifiers, evaluate_seed
+from aape.evaluation.protocols import ClassesInfo, TransferTarget, build_classifiers, evaluate_seed
 from aape.evaluation.report import ReportContext, render_report
 from aape.evaluation.results import (
     BASE2NEW,
@@ -119,7 +119,7 @@ def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInf
 
 
 def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: FeatureBundle, methods: list[str],
-                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list) -> dict[str, Any]:
+                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list[TransferTarget]) -> dict[str, Any]:
     out = layout.eval
     plots_dir = out / "plots"
     shutil.rmtree(plots_dir, ignore_errors=True)  # figures of an earlier run must not linger beside these
