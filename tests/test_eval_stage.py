@@ -166,7 +166,8 @@ def test_report_plots_and_tracked_artifacts(evaluated):
 def test_accuracy_against_shots_uses_results_of_other_runs(tmp_path):
     from aape.stages.evaluate import run
 
-    params = _params(tmp_path)
+    quick = "evaluation.methods=[zeroshot, aape]"
+    params = _params(tmp_path, quick)
     layout = write_run(params)
     run(params)
     other = pd.read_parquet(layout.eval / "results.parquet")
@@ -175,11 +176,11 @@ def test_accuracy_against_shots_uses_results_of_other_runs(tmp_path):
     other_file = tmp_path / "one-shot" / "results.parquet"
     other_file.parent.mkdir()
     other.to_parquet(other_file)
-    params = _params(tmp_path, f"evaluation.shots_results=['{tmp_path}/one-*/results.parquet']")
+    params = _params(tmp_path, quick, f"evaluation.shots_results=['{tmp_path}/one-*/results.parquet']")
     run(params)
     report = (layout.eval / "report.md").read_text()
     assert "2 shot counts: 1, 4" in report
-    params = _params(tmp_path, f"evaluation.shots_results=['{tmp_path}/nothing-here/*.parquet']")
+    params = _params(tmp_path, quick, f"evaluation.shots_results=['{tmp_path}/nothing-here/*.parquet']")
     with pytest.raises(EvaluationError, match="no file matches"):
         run(params)
 
@@ -208,13 +209,17 @@ def test_a_model_trained_on_other_classes_is_refused(tmp_path):
         run(params)
 
 
-def test_a_missing_nodistill_model_names_its_directory(tmp_path):
+def test_a_missing_model_is_named_before_any_work_is_done(tmp_path):
+    import shutil
+
     from aape.stages.evaluate import run
 
     params = _params(tmp_path)
-    write_run(params, nodistill=False)
-    with pytest.raises(EvaluationError, match=r"aape-nodistill.*seed1[/\\]nodistill is missing"):
+    layout = write_run(params)
+    shutil.rmtree(layout.generator / "seed2" / "nodistill")  # seed 1 could be evaluated, seed 2 could not
+    with pytest.raises(EvaluationError, match=r"'aape-nodistill', seed 2: .*seed2[/\\]nodistill is missing"):
         run(params)
+    assert not layout.eval.exists()
 
 
 def test_a_model_from_another_backbone_is_refused(tmp_path):

@@ -25,7 +25,7 @@ from aape.evaluation.outputs import (
     write_parquet,
 )
 from aape.evaluation.plots import accuracy_vs_shots
-from aape.evaluation.protocols import ClassesInfo, TransferTarget, build_classifiers, evaluate_seed
+from aape.evaluation.protocols import ClassesInfo, TransferTarget, build_classifiers, evaluate_seed, model_dir
 from aape.evaluation.report import ReportContext, render_report
 from aape.evaluation.results import (
     BASE2NEW,
@@ -57,7 +57,9 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         methods = list(params.evaluation.methods)
         if not methods:
             raise EvaluationError("evaluation.methods is empty; list at least one of the six methods")
-        extra_results = shots_result_files(params.evaluation.shots_results)  # fail before the work, not after
+        # everything that can be missing is checked before the work, so nothing done is thrown away
+        extra_results = shots_result_files(params.evaluation.shots_results)
+        _check_models_exist(layout, methods, params.run.seeds)
         first = load_bundle(layout, params.run.seeds[0])
         _check_bundle(first, info)
         if first.random_init:
@@ -83,6 +85,18 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         for key, value in headline.items():
             log.info("%s = %.2f%s", key, value, " [RANDOM-INIT backbone]" if first.random_init else "")
     return summary
+
+
+def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) -> None:
+    for method in (m for m in methods if m in ("aape", "aape-nodistill")):
+        for seed in seeds:
+            directory = model_dir(layout, method, seed)
+            if not (directory / "generator.json").is_file():
+                raise EvaluationError(
+                    f"no trained model for method '{method}', seed {seed}: {directory} is missing. Run "
+                    f"`aape distill-generator` (with this run.seeds and evaluation.methods), or remove '{method}' "
+                    f"from evaluation.methods."
+                )
 
 
 def _check_bundle(bundle: FeatureBundle, info: ClassesInfo) -> None:
