@@ -175,16 +175,14 @@ def backbone_config_for(meta: dict[str, Any], params: Params, model_dir: Path) -
     return chosen
 
 
-def load_model_backbone(cfg: BackboneConfig, device: str):
-    """Build the backbone; random weights are drawn from a fixed seed so repeated loads agree."""
+def load_model_backbone(cfg: BackboneConfig, device: str, image_size: int | None = None):
+    """Build the backbone (load_backbone draws random-init weights from a fixed seed, so they are
+    the ones the model's features were extracted with)."""
     from aape.backbone import load_backbone
 
     if cfg.random_init:
         log.warning("RANDOM-INIT backbone: predictions are meaningless (no trained CLIP weights)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return load_backbone(cfg, device)
-    return load_backbone(cfg, device)
+    return load_backbone(cfg, device, image_size=image_size)
 
 
 @dataclass
@@ -204,7 +202,7 @@ class Predictor:
 
         model_dir = Path(model_dir)
         meta = read_model_meta(model_dir)
-        backbone = load_model_backbone(backbone_config_for(meta, params, model_dir), params.run.device)
+        backbone = load_model_backbone(backbone_config_for(meta, params, model_dir), params.run.device, params.data.image_size)
         model = AAPEModel.load(model_dir, expect_identity=backbone.identity, expect_embed_dim=backbone.embed_dim,
                                device=backbone.device)
         template = meta.get("class_template") or params.features.class_template
