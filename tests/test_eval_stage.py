@@ -159,8 +159,9 @@ def test_report_plots_and_tracked_artifacts(evaluated):
         assert f"(plots/{name})" in report
     assert "only 4 shots were evaluated" in report
     assert "class 'alpha' (5 descriptions)" in report
-    logged = {path.split("/")[-1] for path, _ in tracker.artifacts}
-    assert {"report.md", "metrics.json", "results.parquet", "per_class.parquet", "plots"} <= logged
+    logged = {path.split("/")[-1]: where for path, where in tracker.artifacts}
+    assert {"report.md", "metrics.json", "results.parquet", "per_class.parquet", "plots"} <= set(logged)
+    assert logged["plots"] == "eval/plots" and logged["report.md"] == "eval"
 
 
 def test_accuracy_against_shots_uses_results_of_other_runs(tmp_path):

@@ -78,8 +78,8 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         metrics = written["metrics"]
         tracker.set_tags({"random_init": str(first.random_init).lower(), "backbone": first.identity})
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-        for path in written["artifacts"]:
-            tracker.log_artifact(path, "eval")
+        for path in written["artifacts"]:  # a folder's files land under eval/<folder>/
+            tracker.log_artifact(path, f"eval/{path.name}" if path.is_dir() else "eval")
         headline = {k: v for k, v in metrics.items() if k.startswith(f"{info.protocol}/aape/") and k.endswith("_mean")}
         summary.update(headline=headline, random_init=first.random_init, report=str(layout.eval / "report.md"))
         for key, value in headline.items():
