@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aape")
 
 import json  # noqa: E402
+import logging  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -22,7 +23,6 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from aape.config import Params, load_params  # noqa: E402
 from aape.layout import Layout  # noqa: E402
-from aape.logs import setup_logging  # noqa: E402
 from aape.stages import STAGES  # noqa: E402
 from tasks.dvc_sync import record_outputs_task  # noqa: E402
 from tasks.registry import register_model_task  # noqa: E402
@@ -80,7 +80,9 @@ def pipeline(
     record_in_dvc: bool = True,
 ) -> dict[str, Any]:
     """Run every stage in order. Any params.yaml key can be set with `overrides` ("key=value")."""
-    setup_logging()
+    # Prefect's handlers carry the library's lines (PREFECT_LOGGING_EXTRA_LOGGERS=aape) to the
+    # console and the UI; a handler of our own would print each line twice.
+    logging.getLogger("aape").setLevel(logging.INFO)
     logger = get_run_logger()
     params = load_params(params_file, build_overrides(overrides, dataset, shots, seeds, backbone, pretrained, llm_source))
     if params.backbone.random_init:
