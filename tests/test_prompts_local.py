@@ -60,14 +60,17 @@ def tiny_local(monkeypatch):
     """Route prompts.local.model='tiny-llama' to the tiny model and count generate calls."""
     lm = tiny_llama(eos_bias=0.5)
     calls: list[int] = []
+    threads: list[int] = []
     original = lm.model.generate
 
     def counting_generate(**kwargs):
         calls.append(kwargs["input_ids"].shape[0])
+        threads.append(torch.get_num_threads())
         return original(**kwargs)
 
     lm.model.generate = counting_generate
     monkeypatch.setitem(local_source._CACHE, ("tiny-llama", "cpu"), lm)
+    lm.threads_seen = threads
     return lm, calls
 
 
@@ -114,7 +117,9 @@ def test_generate_batch_counts_tokens_and_stops_at_eos():
 def test_stage_batches_by_question_journals_and_resumes(tmp_path, tiny_local):
     lm, calls = tiny_local
     params = local_params(tmp_path, "prompts.trim_truncated=false")
+    torch.set_num_threads(2)
     out = run(params)
+    assert lm.threads_seen == [1, 1, 1] and torch.get_num_threads() == 2  # single-threaded generation, caller's setting restored
     # 3 classes x 2 questions x 4 answers: whole questions packed into calls of <= 10 rows, two per call
     assert calls == [8, 8, 8]
     assert out["requests_sent"] == 3

@@ -205,26 +205,53 @@ def answer_jobs_local(
         return stats
     lm = load_local_model(cfg.model, resolve_device(device))
     batches = pack_batches(jobs, cfg.max_batch)
-    for batch in progress(batches, desc=f"generating with {lm.name}", unit="batch"):
-        rows = _generate_batch(lm, batch, system, sampling)
-        request_id = "local-" + hashlib.sha256("".join(j.key for j in batch).encode()).hexdigest()[:16]
-        entries = [
-            make_entry(
-                job,
-                source=f"local:{lm.name}",
-                model=lm.name,
-                sampling=sampling,
-                raw_text=text,
-                finish_reason=finish,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                request_id=request_id,
-            )
-            for job, (text, finish, prompt_tokens, completion_tokens) in zip(batch, rows)
-        ]
-        persist(entries)
-        stats.requests += 1
-        stats.answers += len(entries)
-        for _, _, prompt_tokens, completion_tokens in rows:
-            stats.bill(prompt_tokens, completion_tokens)
+    threads = cfg.cpu_threads if lm.device == "cpu" else 0
+    with _torch_threads(threads):
+        for batch in progress(batches, desc=f"generating with {lm.name}", unit="batch"):
+            _answer_batch(lm, batch, system, sampling, persist, stats)
     return stats
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with `threads` torch CPU threads (0 = unchanged), then restore the caller's setting.
+
+    Generation with a small model is a long chain of tiny operations: extra threads mostly wait at
+    barriers, and on a machine whose cores are busy that spinning made a batch 25x slower (measured).
+    """
+    import torch
+
+    if threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _answer_batch(lm: LocalModel, batch: list[SampleJob], system: str, sampling: Sampling, persist: Persist, stats: RunStats) -> None:
+    """Generate one batch, persist its answers, count them."""
+    rows = _generate_batch(lm, batch, system, sampling)
+    request_id = "local-" + hashlib.sha256("".join(j.key for j in batch).encode()).hexdigest()[:16]
+    entries = [
+        make_entry(
+            job,
+            source=f"local:{lm.name}",
+            model=lm.name,
+            sampling=sampling,
+            raw_text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            request_id=request_id,
+        )
+        for job, (text, finish, prompt_tokens, completion_tokens) in zip(batch, rows)
+    ]
+    persist(entries)
+    stats.requests += 1
+    stats.answers += len(entries)
+    for _, _, prompt_tokens, completion_tokens in rows:
+        stats.bill(prompt_tokens, completion_tokens)
