@@ -66,3 +66,12 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """For modules of tiny models: on a shared CPU, extra threads cost more in synchronisation than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

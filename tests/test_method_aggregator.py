@@ -23,13 +23,7 @@ from aape.method import (
 from aape.method.synthetic import make_world
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: on a shared CPU, extra threads cost more in synchronisation than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # CoOp's schedule with a larger step: the test world has 40 images (5 batches an epoch), so 20

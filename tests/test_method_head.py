@@ -10,13 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from aape.method import AAPEModel, ClassifierHead, seeded
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: on a shared CPU, extra threads cost more in synchronisation than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _model(kind: str, dim: int = 48, dtype=torch.float64) -> AAPEModel:

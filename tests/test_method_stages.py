@@ -23,13 +23,7 @@ from aape.stages import distill_generator, train_aggregator
 from aape.tracking import RecordingTracker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: on a shared CPU, extra threads cost more in synchronisation than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 IDENTITY = "aape-tiny@random-init"

@@ -31,13 +31,7 @@ from aape.method.training import batches_of
 from aape.tracking import RecordingTracker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: on a shared CPU, extra threads cost more in synchronisation than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 SCHEDULE = ScheduleConfig(epochs=30, batch_size=8)  # CoOp's SGD 0.002, warm-up, cosine
