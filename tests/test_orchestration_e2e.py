@@ -83,6 +83,15 @@ def test_prefect_run_is_recorded_in_dvc_and_repro_reuses_it(tmp_path, tiny_backb
     assert _ran_stages(_sh(["dvc", "repro"], project).stdout) == ["distill-generator", "evaluate"]
     assert _ran_stages(_sh(["dvc", "repro"], project).stdout) == []
 
+    # a sweep point as a DVC experiment, compared with the committed baseline
+    _sh(["git", "add", "-A"], project)
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "lambda 3"], project)
+    experiment = _sh(["dvc", "exp", "run", "-S", "generator.lambda_distill=1"], project).stdout
+    assert _ran_stages(experiment) == ["distill-generator", "evaluate"]
+    diff = json.loads(_sh(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
+    assert any("aape" in name for metrics in diff.values() for name in metrics)
+    assert "generator.lambda_distill" in _sh(["dvc", "params", "diff"], project).stdout
+
     # the same stage code through DVC, from scratch, reproduces the flow's figures
     params["generator"]["lambda_distill"] = 5.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
