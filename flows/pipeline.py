@@ -15,7 +15,6 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aape")
 import json  # noqa: E402
 import logging  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402

@@ -15,7 +15,8 @@ from PIL import Image
 from aape.config import EVAL_METHODS, load_params
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import accuracy, harmonic_mean
-from aape.features.bundle import atomic_save_tensors, atomic_write_json
+from aape.atomic import atomic_write_json
+from aape.features.bundle import atomic_save_tensors
 from aape.layout import Layout
 from aape.tracking import RecordingTracker
 

@@ -7,14 +7,13 @@ dataset, the sha256 of the source split's content, and for draws the seed and sh
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aape.atomic import atomic_write
 from aape.data.images import DataError
 from aape.data.records import Record
 
@@ -32,17 +31,7 @@ def write_manifest(records: Sequence[Record], path: Path, metadata: dict[str, An
         },
         schema=SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest(path: Path):
@@ -64,7 +53,7 @@ def manifest_metadata(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, content: Any) -> Path:
-    from aape.data.splits import atomic_write_text
+    from aape.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     return Path(path)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from aape.atomic import atomic_write_text
 from aape.data.images import DataError
 from aape.data.records import SPLITS, Record, SplitFileError, classnames_from_records
 
@@ -79,17 +79,6 @@ def write_split_file(path: Path, train: Sequence[Record], val: Sequence[Record],
     atomic_write_text(path, json.dumps(content, indent=1))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _posix(path: str) -> str:

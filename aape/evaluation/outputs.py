@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aape.atomic import atomic_write
 from aape.evaluation import plots
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import confusion_matrix, harmonic_mean_of_means, mean_std
@@ -29,16 +28,7 @@ MAX_DESCRIPTIONS_SHOWN = 40
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
     """Write to a temporary file and rename: a reader never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 # accuracy against shots ------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from aape.features.bundle import atomic_save_tensors, atomic_write_json, read_metadata
+from aape.atomic import atomic_write_json
+from aape.features.bundle import atomic_save_tensors, read_metadata
 
 log = logging.getLogger(__name__)
 

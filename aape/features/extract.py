@@ -16,13 +16,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from aape.atomic import atomic_write_json
 from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
 from aape.features.bundle import (
     FORMAT,
     FeatureError,
     atomic_save_tensors,
-    atomic_write_json,
     index_file,
     skipped_file,
     split_file,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from aape.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +33,15 @@ class CheckpointMismatchError(ValueError):
 # atomic writes ---------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     # clone: safetensors refuses tensors that share storage (e.g. two slices of one buffer)
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(data, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_resume_state(path: Path, fingerprint: str, fmt: str) -> dict[str, Any] | None:

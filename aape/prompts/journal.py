@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from aape.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +101,7 @@ class Journal:
             if not created and handle.tell() > 0 and not _ends_with_newline(self.path):
                 handle.write(b"\n")  # seal a line cut short by a kill, so the next entry stays readable
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self._handle = handle
         return self._handle
 
@@ -109,15 +111,3 @@ def _ends_with_newline(path: Path) -> bool:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

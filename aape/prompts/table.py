@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aape.atomic import atomic_write_stream
 from aape.prompts.errors import PromptsError
 
 # The contract of docs/architecture.md, in order. Nullable fields are null where a source has no
@@ -38,18 +37,7 @@ DESCRIPTION_COLUMNS: tuple[str, ...] = tuple(DESCRIPTION_SCHEMA.names)
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder and os.replace it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_stream(path, write)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from aape.backbone import resolve_device
 from aape.config import Params
 from aape.layout import Layout
 from aape.logs import stage
-from aape.method.checkpoint import atomic_write_json
+from aape.atomic import atomic_write_json
 from aape.method.inputs import SeedInputs, StageInputError, load_seed_inputs, read_classes, remove_quietly
 from aape.method.model import AAPEModel
 from aape.method.objectives import seeded, train_generator

@@ -39,7 +39,7 @@ from aape.evaluation.results import (
 )
 from aape.evaluation.transfer import load_transfer_targets
 from aape.features import FeatureBundle, load_bundle
-from aape.features.bundle import atomic_write_json, atomic_write_text
+from aape.atomic import atomic_write_json, atomic_write_text
 from aape.layout import Layout
 from aape.logs import progress, stage
 from aape.tracking import NullTracker, Tracker
