@@ -99,3 +99,18 @@ def test_prefect_run_is_recorded_in_dvc_and_repro_reuses_it(tmp_path, tiny_backb
     assert ran == ["prepare-data", "generate-prompts", "extract-features", "train-aggregator", "distill-generator", "evaluate"]
     assert json.loads((project / "artifacts/eval/metrics.json").read_text()) == metrics_from_prefect
     assert "up to date" in _sh(["dvc", "status"], project).stdout
+
+
+def test_sweep_flow_runs_each_cell_into_its_own_folder(tmp_path, tiny_backbone, monkeypatch, prefect_server):
+    from flows.sweep import sweep
+
+    project = _project(tmp_path, tiny_backbone)
+    monkeypatch.chdir(project)
+    cells = sweep(datasets=["eurosat"], seeds=[1], variants=["attention", "mean"], track=False)
+    assert [(c["variant"], c["seed"]) for c in cells] == [("attention", 1), ("mean", 1)]
+    for cell in cells:
+        out = project / cell["output_dir"]
+        assert out.parent.parent.parent.name == "sweeps" and (out / "eval" / "report.md").exists()
+        assert json.loads((out / "aggregator" / "seed1" / "aggregator.json").read_text())["variant"] == cell["variant"]
+        assert "base2new/aape/H_mean" in cell["metrics"]
+    assert not (project / "dvc.lock").exists(), "sweep cells are not DVC's outputs"
