@@ -16,8 +16,11 @@ PORT=${AAPE_PREFECT_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # newest first: the deployment server must stop while the Prefect API it talks to is still up
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT INT TERM
 
