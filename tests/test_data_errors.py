@@ -178,3 +178,19 @@ def test_data_image_size_sets_both_transforms():
     image = Image.new("RGB", (100, 70))
     assert backbone.eval_transform(image).shape == (3, 48, 48)
     assert backbone.train_transform(image).shape == (3, 48, 48)
+
+
+def test_classes_file_reader_names_the_file_and_the_missing_keys(tmp_path):
+    """Every stage reads data/classes.json through this one reader."""
+    from aape.data.manifests import read_classes
+
+    path = tmp_path / "classes.json"
+    with pytest.raises(DataError, match="prepare-data"):
+        read_classes(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match="JSON object"):
+        read_classes(path)
+    path.write_text('{"dataset": "eurosat"}')
+    with pytest.raises(DataError, match=r"lacks the key\(s\) classnames, image_root"):
+        read_classes(path, required=("dataset", "classnames", "image_root"))
+    assert read_classes(path, required=("dataset",)) == {"dataset": "eurosat"}

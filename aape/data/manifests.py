@@ -59,9 +59,19 @@ def write_json(path: Path, content: Any) -> Path:
     return Path(path)
 
 
-def read_classes(path: Path) -> dict[str, Any]:
-    """classes.json as a dict; the error says to run prepare-data when it is missing."""
+def read_classes(path: Path, required: Sequence[str] = ("dataset", "classnames")) -> dict[str, Any]:
+    """classes.json as a dict, with the `required` keys present: the one reader every stage uses.
+    Errors name the file and say to (re)run prepare-data."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} does not exist; run `aape prepare-data` first")
-    return json.loads(path.read_text())
+        raise DataError(f"{path} does not exist; run `aape prepare-data` first (it writes data/classes.json)")
+    try:
+        tree = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); rerun `aape prepare-data`") from None
+    if not isinstance(tree, dict):
+        raise DataError(f"{path} must hold a JSON object; rerun `aape prepare-data`")
+    missing = [key for key in required if key not in tree]
+    if missing:
+        raise DataError(f"{path} lacks the key(s) {', '.join(missing)}; rerun `aape prepare-data`")
+    return tree

@@ -13,7 +13,6 @@ descriptions of a transfer dataset's classes) yields an n/a outcome with the rea
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from aape.config import Params
+from aape.data.images import DataError
+from aape.data.manifests import read_classes as read_classes_file
 from aape.evaluation.classifiers import (
     Classifier,
     EvaluationError,
@@ -60,10 +61,11 @@ class ClassesInfo:
     @classmethod
     def read(cls, layout: Layout) -> "ClassesInfo":
         path = layout.classes_file
-        if not path.is_file():
-            raise EvaluationError(f"{path} is missing: run the stages before evaluate (`aape run --to distill-generator`)")
         try:
-            raw = json.loads(path.read_text())
+            raw = read_classes_file(path, required=("dataset", "classnames", "protocol", "train_classes", "eval_sets"))
+        except DataError as exc:
+            raise EvaluationError(str(exc)) from None
+        try:
             info = cls(
                 dataset=str(raw["dataset"]),
                 classnames=[str(c) for c in raw["classnames"]],
@@ -73,7 +75,7 @@ class ClassesInfo:
                 shots=int(raw.get("shots", 0)),
                 path=path,
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise EvaluationError(f"{path} is not a valid classes file ({exc!r}); re-run `aape prepare-data`") from None
         n = len(info.classnames)
         for name, classes in info.eval_sets.items():

@@ -6,7 +6,6 @@ the manifests, checks them, and assembles the files described in `aape.features.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +18,8 @@ import torch
 from aape.atomic import atomic_write_json
 from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
+from aape.data import manifests as data_manifests
+from aape.data.images import DataError
 from aape.features.bundle import (
     FORMAT,
     FeatureError,
@@ -72,17 +73,10 @@ def build_backbone(params: Params) -> Backbone:
 
 
 def read_classes(layout: Layout) -> dict[str, Any]:
-    path = layout.classes_file
-    if not path.is_file():
-        raise FeatureError(f"{path} is missing. Run `aape prepare-data` first.")
     try:
-        classes = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FeatureError(f"{path} is not valid JSON ({exc}). Re-run `aape prepare-data`.") from None
-    for key in ("classnames", "image_root"):
-        if key not in classes:
-            raise FeatureError(f"{path} lacks the key '{key}'. Re-run `aape prepare-data`.")
-    return classes
+        return data_manifests.read_classes(layout.classes_file, required=("classnames", "image_root"))
+    except DataError as exc:
+        raise FeatureError(str(exc)) from None
 
 
 def read_manifest(path: Path, num_classes: int) -> pd.DataFrame:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from aape.backbone import RANDOM_INIT_NOTICE
+from aape.data.images import DataError
+from aape.data.manifests import read_classes as read_classes_file
 from aape.features import FeatureBundle, load_bundle
 from aape.layout import Layout
 from aape.method.descriptions import DescriptionBank, to_local
@@ -55,13 +57,13 @@ class SeedInputs:
 
 def read_classes(layout: Layout) -> dict[str, Any]:
     path = layout.classes_file
-    if not path.is_file():
-        raise StageInputError(f"{path} is missing: run `aape prepare-data` (then generate-prompts and extract-features) first")
     try:
-        classes = json.loads(path.read_text())
+        classes = read_classes_file(path, required=("classnames", "train_classes"))
         classes["train_classes"] = [int(c) for c in classes["train_classes"]]
         classes["classnames"] = list(classes["classnames"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except DataError as exc:
+        raise StageInputError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
         raise StageInputError(f"{path} is not a valid classes file ({exc}); re-run `aape prepare-data`") from None
     return classes
 

@@ -7,7 +7,6 @@ plan order. The CuPL source reads a file instead. All produce rows of `table.DES
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections import Counter
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from aape.config import Params, PromptsConfig
+from aape.data.images import DataError
+from aape.data.manifests import read_classes as read_classes_file
 from aape.prompts.answers import RunStats, Sampling
 from aape.prompts.cleaning import clean_answers
 from aape.prompts.cupl import check_unmatched, match_classes, read_cupl_file
@@ -47,14 +48,10 @@ class Descriptions:
 def read_classes(path: str | Path) -> ClassList:
     """data/classes.json -> its dataset name and class names (every class gets descriptions)."""
     path = Path(path)
-    if not path.is_file():
-        raise ClassesFileError(f"class list {path} not found: run `aape prepare-data` first (it writes data/classes.json)")
     try:
-        tree = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClassesFileError(f"{path} is not valid JSON ({exc}): rerun `aape prepare-data`") from None
-    if not isinstance(tree, dict):
-        raise ClassesFileError(f"{path} must hold a JSON object with 'dataset' and 'classnames'")
+        tree = read_classes_file(path, required=())
+    except DataError as exc:
+        raise ClassesFileError(str(exc)) from None
     dataset, names = tree.get("dataset"), tree.get("classnames")
     if not isinstance(dataset, str) or not dataset:
         raise ClassesFileError(f"{path}: key 'dataset' must be a non-empty string")
