@@ -110,36 +110,91 @@ class PromptsConfig(_Section):
         return self
 
 
+AUTO = "auto"
+
+
+def template_problem(template: object) -> str | None:
+    """Why `template` cannot be filled with a class name by str.format, or None when it can."""
+    if not isinstance(template, str):
+        return f"must be a string, got {type(template).__name__}"
+    if template.count("{}") != 1:
+        return "must contain '{}' exactly once, where the class name goes"
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return "holds braces other than '{}' (write a literal brace as '{{' or '}}')"
+    return None
+
+
 class FeaturesConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     augmented_views: int = Field(10, ge=1, description="cached augmented views per training image")
-    class_template: str = "a photo of a {}."
-    ensemble_templates: list[str] = Field(
-        default_factory=lambda: [
-            "a photo of a {}.",
-            "a bad photo of a {}.",
-            "a photo of the large {}.",
-            "a photo of the small {}.",
-            "a rendering of a {}.",
-            "itap of a {}.",
-            "a origami {}.",
-            "a low resolution photo of a {}.",
-        ]
+    class_template: str = Field("a photo of a {}.", description="AAPE's class prompt (its training, evaluation and predictions)")
+    zeroshot_template: str = Field(
+        AUTO,
+        description="zero-shot baseline: 'auto' = CoOp's hand-written template for data.dataset "
+        "(aape/features/baseline_templates.yaml), or one template with '{}'",
+    )
+    ensemble_templates: str | list[str] = Field(
+        AUTO,
+        description="template-ensemble baseline: 'auto' = CLIP's published set for data.dataset, or a list of templates",
     )
     text_batch_size: int = Field(256, ge=1)
 
     @field_validator("class_template")
     @classmethod
     def _has_slot(cls, v: str) -> str:
-        if "{}" not in v:
-            raise ValueError("must contain '{}' where the class name goes")
+        problem = template_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("zeroshot_template")
+    @classmethod
+    def _auto_or_template(cls, v: str) -> str:
+        problem = None if v == AUTO else template_problem(v)
+        if problem:
+            raise ValueError(f"must be 'auto' (CoOp's template for data.dataset) or a template; this one {problem}")
+        return v
+
+    @field_validator("ensemble_templates", mode="before")
+    @classmethod
+    def _auto_or_list(cls, v: Any) -> Any:
+        if v == AUTO:
+            return v
+        if not isinstance(v, list):
+            raise ValueError(
+                "must be 'auto' (CLIP's published set for data.dataset) or a list of templates, "
+                "e.g. ['a photo of a {}.', 'a sketch of a {}.']"
+            )
+        if not v:
+            raise ValueError("is empty: give at least one template, or 'auto'")
+        for i, template in enumerate(v):
+            problem = template_problem(template)
+            if problem:
+                raise ValueError(f"template {i} ({template!r}) {problem}")
+            if v.index(template) != i:  # a repeated template would silently outweigh the others in the mean
+                raise ValueError(f"template {i} ({template!r}) repeats template {v.index(template)}")
         return v
 
 
-class ScheduleConfig(_Section):
-    """CoOp's schedule (METHOD.md section 4)."""
+# Optimiser presets (docs/method.md, "Optimisation"). CoOp's SGD at 0.002 was tuned for a few context
+# vectors inside the text encoder; on the aggregator and on h/g it barely moves them, so each stage has
+# its own default, chosen on the proxy benchmark (benchmarks/bench_generalization.py).
+OPTIMISER_PRESETS: dict[str, dict[str, Any]] = {
+    "coop": {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4},
+    "aape-aggregator": {"optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
+    # strong decoupled weight decay: with head_init "zeroshot" it pulls g back towards zero-shot CLIP
+    "aape-generator": {"optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1.0},
+}
+_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay")
 
+
+class ScheduleConfig(_Section):
+    """An optimiser preset (explicit keys override it) and CoOp's schedule: warm-up, cosine, epochs rule."""
+
+    preset: str = Field("coop", description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.002, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -148,6 +203,20 @@ class ScheduleConfig(_Section):
     warmup_epochs: int = Field(1, ge=0)
     warmup_lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=1)
+    select: Literal["last", "best-val"] = Field(
+        "last", description="weights kept: the last epoch's (CoOp/Dassl) or the best epoch on the validation split"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill the optimiser keys the user left out from the preset (the class's default preset if none)."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", cls.model_fields["preset"].default)
+        if name not in OPTIMISER_PRESETS:
+            raise ValueError(f"unknown optimiser preset {name!r} (schedule.preset); choose one of {', '.join(OPTIMISER_PRESETS)}")
+        return {**OPTIMISER_PRESETS[name], **{k: v for k, v in data.items() if not (k in _OPTIMISER_KEYS and v is None)}}
 
     @field_validator("epochs")
     @classmethod
@@ -157,7 +226,10 @@ class ScheduleConfig(_Section):
         return v
 
     def resolved_epochs(self, shots: int, dataset: str) -> int:
-        """CoOp: 200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 shot and for ImageNet."""
+        """CoOp: 200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 shot and for ImageNet.
+
+        `dataset` must be the canonical key that prepare-data records in classes.json ("imagenet"
+        for "ImageNet", "imagenet1k", ...), not the raw data.dataset string."""
         if self.epochs != "auto":
             return int(self.epochs)
         if dataset == "imagenet" or shots <= 1:
@@ -165,23 +237,38 @@ class ScheduleConfig(_Section):
         return 100 if shots <= 4 else 200
 
 
+class AggregatorSchedule(ScheduleConfig):
+    preset: str = Field("aape-aggregator", description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")
+
+
+class GeneratorSchedule(ScheduleConfig):
+    preset: str = Field("aape-generator", description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")
+
+
 class AggregatorConfig(_Section):
     variant: Literal["attention", "literal", "mean", "mlp", "random"] = "attention"
     heads: int = Field(8, ge=1)
     ff_mult: int = Field(4, ge=1)
     mlp_hidden: int = Field(32, ge=1)
-    mlp_alpha: float = Field(0.2, ge=0, le=1)
+    mlp_alpha: float = Field(0.2, gt=0, lt=1, description="initial α of the mlp variant (learnt, as in the paper)")
     reward_scale: float = Field(2.5, gt=0)
     max_descriptions: int | None = Field(None, ge=1, description="cap per class; None = all")
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    schedule: AggregatorSchedule = Field(default_factory=AggregatorSchedule)
 
 
 class GeneratorConfig(_Section):
     hidden: int = Field(32, ge=1, description="h: d -> hidden -> d; 32 gives the paper's 33k for d=512")
-    head: Literal["bottleneck", "full"] = "bottleneck"
+    head: Literal["bottleneck", "full"] = Field(
+        "bottleneck",
+        description="g: 'bottleneck' (2d -> head_hidden -> d: the paper's 82k parameters for h + g, fast at any class count) or 'full' (2d -> d; ~10x slower per step at 500 classes)",
+    )
     head_hidden: int = Field(32, ge=1)
+    head_init: Literal["zeroshot", "random"] = Field(
+        "zeroshot",
+        description="'zeroshot': w_i(x) = w_i + g([w_i; h(x)]), g's output starts at 0 (untrained = zero-shot CLIP); 'random': the paper's literal g([w_i; h(x)])",
+    )
     lambda_distill: float = Field(5.0, ge=0)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    schedule: GeneratorSchedule = Field(default_factory=GeneratorSchedule)
 
 
 EVAL_METHODS = ("zeroshot", "zeroshot-ensemble", "cupl", "linear-probe", "aape-nodistill", "aape")
@@ -194,15 +281,29 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(256, ge=1)
     confusion_max_classes: int = Field(50, ge=2)
     attention_examples: int = Field(4, ge=0)
-    linear_probe_c_grid: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0],
-        min_length=1,
-        description="inverse L2 strengths tried for the linear probe; the best on validation is kept",
+    # The linear probe's C (inverse L2 strength) is searched on validation as CLIP's paper and CoOp's
+    # lpclip do: log-spaced coarse points over a wide range, then halving steps around the best.
+    linear_probe_c_range: list[float] = Field(
+        default_factory=lambda: [1e-6, 1e6],
+        description="[low, high] of the linear probe's C search (CLIP's paper: 1e-6 to 1e6)",
+    )
+    linear_probe_c_coarse_points: int = Field(
+        13, ge=2, description="log-spaced C values tried first, ends included (13 over 1e-6..1e6 = every power of ten)"
+    )
+    linear_probe_c_refine_steps: int = Field(
+        4, ge=0, description="halving steps around the best coarse C; resolution = coarse spacing / 2**steps (in log C)"
     )
     shots_results: list[str] = Field(
         default_factory=list,
         description="results.parquet files (globs) of runs with other data.shots, for the accuracy-vs-shots plot",
     )
+
+    @field_validator("linear_probe_c_range")
+    @classmethod
+    def _c_range(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0 < v[0] < v[1]:
+            raise ValueError("must be [low, high] with 0 < low < high, e.g. [1.0e-6, 1.0e6]")
+        return v
 
 
 class TrackingConfig(_Section):

@@ -50,7 +50,7 @@ def test_coop_layout_run_from_the_command_line_then_predict(tmp_path, tiny_backb
         "backbone.model=aape-tiny", f"backbone.pretrained={weights}", "prompts.source=cupl-json",
         f"prompts.file={tmp_path / 'data' / 'cupl.json'}", "features.augmented_views=2", "features.num_workers=0",
         "aggregator.heads=2", "aggregator.schedule.epochs=2", "generator.schedule.epochs=3", "tracking.enabled=false",
-        "evaluation.linear_probe_c_grid=[1.0, 100.0]",
+        "evaluation.linear_probe_c_range=[1.0, 100.0]", "evaluation.linear_probe_c_coarse_points=2", "evaluation.linear_probe_c_refine_steps=0",
     ])
     params_file = tmp_path / "params.yaml"
     dump_params(params, params_file)

@@ -16,6 +16,7 @@ from aape.config import EVAL_METHODS, load_params
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import accuracy, harmonic_mean
 from aape.atomic import atomic_write_json
+from aape.features.baseline_templates import baseline_templates
 from aape.features.bundle import atomic_save_tensors
 from aape.layout import Layout
 from aape.tracking import RecordingTracker
@@ -31,7 +32,8 @@ def _params(tmp_path, *extra):
         f"run.output_dir={tmp_path / 'artifacts'}", f"run.cache_dir={tmp_path / 'cache'}", "run.seeds=[1, 2]",
         "run.device=cpu", "backbone.model=aape-tiny", "backbone.pretrained=random-init", "tracking.enabled=false",
         "features.num_workers=0", "data.shots=4", f"data.root={tmp_path / 'data'}", "evaluation.batch_size=16",
-        "evaluation.linear_probe_c_grid=[1.0, 100.0]", *extra,
+        "evaluation.linear_probe_c_range=[1.0, 100.0]", "evaluation.linear_probe_c_coarse_points=2",
+        "evaluation.linear_probe_c_refine_steps=0", *extra,
     ])
 
 
@@ -57,9 +59,13 @@ def write_run(params, protocol="base2new", model_classes=None, nodistill=True):
     atomic_save_tensors(layout.features / "test.safetensors",
                         {"features": near(test_labels, 1.2), "labels": test_labels, "rows": torch.arange(60)}, meta)
     desc_class = torch.arange(6).repeat_interleave(5)
-    text = {"class_prompts": near(torch.arange(6), 0.5), "class_ensemble": near(torch.arange(6), 0.4),
-            "descriptions": near(desc_class, 1.0), "description_class": desc_class}
-    atomic_save_tensors(layout.features / "text.safetensors", text, meta)
+    # the zero-shot baseline's prompts are not AAPE's class prompts: here they swap classes 3 and 4,
+    # so a baseline that used class_prompts would be caught
+    text = {"class_prompts": near(torch.arange(6), 0.5), "class_zeroshot": near(torch.tensor([0, 1, 2, 4, 3, 5]), 0.6),
+            "class_ensemble": near(torch.arange(6), 0.4), "descriptions": near(desc_class, 1.0), "description_class": desc_class}
+    templates = baseline_templates(params.features, params.data.dataset)
+    atomic_save_tensors(layout.features / "text.safetensors", text,
+                        {**meta, "class_template": params.features.class_template, **templates.metadata()})
     atomic_write_json(layout.features / "index.json", {"identity": IDENTITY, "random_init": True, "embed_dim": D,
                                                       "logit_scale": 100.0, "classnames": CLASSNAMES, "seeds": [1, 2]})
     layout.prompts.mkdir(parents=True)
@@ -128,8 +134,10 @@ def test_figures_match_an_independent_computation(evaluated):
     results = pd.read_parquet(layout.eval / "results.parquet").set_index(["method", "seed", "eval_set"])["accuracy"]
     bundle = load_bundle(layout, 1)
     new = bundle.test_labels >= 3
-    zs = (bundle.test_features[new] @ bundle.class_prompts[3:].T).argmax(-1)
+    zs = (bundle.test_features[new] @ bundle.class_zeroshot[3:].T).argmax(-1)
     assert results[("zeroshot", 1, "new")] == pytest.approx(accuracy(zs, bundle.test_labels[new] - 3))
+    with_aape_prompts = (bundle.test_features[new] @ bundle.class_prompts[3:].T).argmax(-1)
+    assert accuracy(with_aape_prompts, bundle.test_labels[new] - 3) > results[("zeroshot", 1, "new")] + 30.0
     model = AAPEModel.load(layout.generator / "seed2")
     with torch.inference_mode():
         pred = model.logits(bundle.test_features[~new], bundle.class_prompts[:3]).argmax(-1)
@@ -285,3 +293,74 @@ def test_a_missing_transfer_dataset_is_named_with_its_path(tmp_path):
     with pytest.raises(EvaluationError, match=r"evaluation.cross_datasets lists 'eurosat'.*eurosat"):
         run(params)
     assert not (Layout.from_params(params).eval / "results.parquet").exists()  # failed before any work
+
+
+def test_report_metrics_and_tags_say_how_each_baseline_was_built(evaluated):
+    params, layout, tracker, summary = evaluated
+    report = (layout.eval / "report.md").read_text()
+    # demo-mnist: CoOp has no template of its own, CLIP's MNIST set has one
+    assert "## Baselines" in report
+    assert "CLIP zero-shot on toy: template 'a photo of a {}.' (CoOp has no template for demo-mnist: its generic one)." in report
+    assert "template ensemble on toy: CLIP data/prompts.md, MNIST (1 template)." in report
+    assert "Linear probe: C chosen on validation by accuracy, then cross-entropy (2 log-spaced C over [1, 100], 0 refinement steps" in report
+    metrics = json.loads(layout.metrics.read_text())
+    assert metrics["baselines/zeroshot/template"] == "a photo of a {}."
+    assert metrics["baselines/zeroshot-ensemble/templates"] == "CLIP data/prompts.md, MNIST (1 template)"
+    for seed in (1, 2):
+        assert metrics[f"baselines/linear-probe/seed{seed}/C"] in (1.0, 100.0)
+        assert metrics[f"baselines/linear-probe/seed{seed}/fits"] == 2
+        assert f"seed {seed}: C={metrics[f'baselines/linear-probe/seed{seed}/C']:.4g} (2 fits)" in report
+    children = {child.name: child for child in tracker.children}
+    assert children["zeroshot/seed1"].tags["template"] == "a photo of a {}."
+    assert children["linear-probe/seed2"].tags["C"] == f"{metrics['baselines/linear-probe/seed2/C']:.6g}"
+    assert children["linear-probe/seed2"].tags["fits"] == "2"
+
+
+def test_baseline_features_of_other_templates_are_refused_as_stale(tmp_path):
+    from aape.stages.evaluate import run
+
+    params = _params(tmp_path, "evaluation.methods=[zeroshot, aape]", "run.seeds=[1]")
+    write_run(params, nodistill=False)
+    stale = _params(tmp_path, "evaluation.methods=[zeroshot, aape]", "run.seeds=[1]", "features.zeroshot_template='itap of a {}.'")
+    with pytest.raises(EvaluationError, match=r"zeroshot_template 'a photo of a \{\}.'.*'itap of a \{\}.'.*Re-run `aape extract-features`"):
+        run(stale)
+
+
+def test_text_features_without_the_zeroshot_prompts_ask_for_a_re_extraction(tmp_path):
+    from safetensors.torch import load_file
+
+    from aape.features import FeatureError
+    from aape.stages.evaluate import run
+
+    params = _params(tmp_path, "evaluation.methods=[zeroshot, aape]", "run.seeds=[1]")
+    layout = write_run(params, nodistill=False)
+    path = layout.features / "text.safetensors"
+    older = {k: v for k, v in load_file(str(path)).items() if k != "class_zeroshot"}
+    atomic_save_tensors(path, older, {"identity": IDENTITY, "random_init": True, "embed_dim": D})
+    with pytest.raises(FeatureError, match=r"no class_zeroshot.*Re-run `aape extract-features`"):
+        run(params)
+    run(_params(tmp_path, "evaluation.methods=[cupl, aape]", "run.seeds=[1]"))  # methods that do not need it still run
+
+
+def test_cross_dataset_baselines_use_the_target_dataset_templates(tmp_path):
+    from aape.evaluation.protocols import ClassesInfo
+    from aape.evaluation.transfer import load_transfer_targets
+    from aape.features import load_bundle, text_features
+    from aape.features.text_encoder import class_template_features
+
+    from aape.backbone import load_backbone
+
+    for split, n in (("train", 3), ("test", 2)):
+        for name in ("cat", "dog", "ship"):
+            _images(tmp_path / "data" / "cifar10" / split / name, n)
+    params = _params(tmp_path, "evaluation.cross_datasets=[cifar10]", "features.zeroshot_template='itap of a {}.'")
+    layout = write_run(params)
+    (target,) = load_transfer_targets(params, layout, ClassesInfo.read(layout), load_bundle(layout, 1))
+    backbone = load_backbone(params.backbone, "cpu")
+    names = target.classnames
+    assert torch.allclose(target.class_zeroshot, text_features(backbone, [f"itap of a {c}." for c in names], tmp_path / "c"), atol=1e-5)
+    assert torch.allclose(target.class_prompts, text_features(backbone, [f"a photo of a {c}." for c in names], tmp_path / "c"), atol=1e-5)
+    assert (target.class_zeroshot - target.class_prompts).norm(dim=-1).min() > 1e-3
+    assert len(target.templates.ensemble) == 18  # CLIP's CIFAR10 set, the target's own
+    expected = class_template_features(backbone, names, target.templates.ensemble, tmp_path / "c")
+    assert torch.allclose(target.class_ensemble, expected, atol=1e-5)

@@ -353,6 +353,70 @@ def test_stage_writes_the_bundle_and_a_rerun_encodes_nothing(run_params, stage_b
     assert counter.texts == 0
 
 
+def _normalised_mean(backbone, templates, name):
+    return torch.nn.functional.normalize(backbone.encode_texts([t.format(name) for t in templates]).mean(dim=0), dim=-1)
+
+
+def test_zeroshot_baselines_use_the_dataset_templates_aape_keeps_its_own(run_params, stage_backbone):
+    """eurosat: the zero-shot baseline is CoOp's "a centered satellite photo of {}.", the ensemble CLIP's
+    three EuroSAT templates; AAPE's class prompts stay "a photo of a {}."."""
+    run_params.data.dataset = "EuroSAT"  # CoOp's spelling resolves to the same key
+    layout = Layout.from_params(run_params)
+    extract_features.run(run_params)
+    bundle = load_bundle(layout, 1)
+    satellite = [f"a centered satellite photo of {c}." for c in CLASSNAMES]
+    assert torch.allclose(bundle.zeroshot_prompts, stage_backbone.encode_texts(satellite), atol=1e-5)
+    assert torch.allclose(bundle.class_prompts, stage_backbone.encode_texts([f"a photo of a {c}." for c in CLASSNAMES]), atol=1e-5)
+    assert (bundle.zeroshot_prompts - bundle.class_prompts).norm(dim=-1).min() > 1e-3  # really another text set
+    clip_eurosat = ["a centered satellite photo of {}.", "a centered satellite photo of a {}.", "a centered satellite photo of the {}."]
+    for c, name in enumerate(CLASSNAMES):
+        assert torch.allclose(bundle.class_ensemble[c], _normalised_mean(stage_backbone, clip_eurosat, name), atol=1e-5)
+    meta = bundle.text_meta
+    assert meta["class_template"] == "a photo of a {}." and meta["zeroshot_template"] == "a centered satellite photo of {}."
+    assert meta["zeroshot_template_source"] == "CoOp trainers/zsclip.py CUSTOM_TEMPLATES['EuroSAT']"
+    assert meta["ensemble_templates"] == clip_eurosat and "CLIP data/prompts.md, EuroSAT" in meta["ensemble_templates_source"]
+    index = json.loads((layout.features / "index.json").read_text())
+    assert index["zeroshot_template"] == "a centered satellite photo of {}." and index["class_template"] == "a photo of a {}."
+    assert len(index["files"]["text.safetensors"]["cache_keys"]) == 4
+
+
+def test_explicit_baseline_templates_replace_the_dataset_ones(run_params, stage_backbone, counter):
+    run_params.features.zeroshot_template = "a sketch of a {}."
+    run_params.features.ensemble_templates = ["a photo of a {}.", "a drawing of a {}."]
+    layout = Layout.from_params(run_params)
+    extract_features.run(run_params)
+    bundle = load_bundle(layout, 1)
+    assert torch.allclose(bundle.zeroshot_prompts, stage_backbone.encode_texts([f"a sketch of a {c}." for c in CLASSNAMES]), atol=1e-5)
+    assert torch.allclose(bundle.class_ensemble[1], _normalised_mean(stage_backbone, ["a photo of a {}.", "a drawing of a {}."], "boat"), atol=1e-5)
+    assert bundle.text_meta["zeroshot_template_source"] == "features.zeroshot_template"
+    assert bundle.text_meta["ensemble_templates_source"] == "features.ensemble_templates (2 templates)"
+    # back to the demo's 'auto': only the new zero-shot texts and ensemble are encoded, AAPE's prompts are cached
+    run_params.features.zeroshot_template = "auto"
+    run_params.features.ensemble_templates = "auto"
+    counter.reset()
+    summary = extract_features.run(run_params)
+    assert summary["images_encoded"] == 0
+    # demo-mnist: CoOp's generic "a photo of a {}." (= class_prompts, cached) and CLIP's one MNIST template
+    assert counter.texts == len(CLASSNAMES)
+    bundle = load_bundle(layout, 1)
+    assert torch.equal(bundle.zeroshot_prompts, bundle.class_prompts)
+    assert bundle.text_meta["ensemble_templates"] == ['a photo of the number: "{}".']
+
+
+def test_text_features_of_an_older_version_ask_for_a_re_extraction(run_params, stage_backbone):
+    from safetensors.torch import load_file
+
+    layout = Layout.from_params(run_params)
+    extract_features.run(run_params)
+    path = layout.features / "text.safetensors"
+    old = {k: v for k, v in load_file(str(path)).items() if k != "class_zeroshot"}
+    bundle_mod.atomic_save_tensors(path, old, {"identity": stage_backbone.identity})
+    bundle = load_bundle(layout, 1)  # the method stages need class_prompts only and still load
+    assert bundle.class_zeroshot is None and bundle.class_prompts.shape[0] == len(CLASSNAMES)
+    with pytest.raises(FeatureError, match=r"no class_zeroshot.*Re-run `aape extract-features`"):
+        bundle.zeroshot_prompts
+
+
 def test_load_bundle_names_what_is_missing(run_params, stage_backbone):
     layout = Layout.from_params(run_params)
     with pytest.raises(FeatureError, match="index.json is missing"):

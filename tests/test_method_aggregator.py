@@ -164,7 +164,19 @@ def test_mlp_mixes_a_learnt_map_of_the_mean_with_the_mean(world):
     mean = F.normalize(P.mean(1), dim=-1)
     expected = F.normalize(0.2 * aggregator.f(mean) + 0.8 * mean, dim=-1)
     torch.testing.assert_close(aggregator(world.data.val_features[:2], P), expected)
-    assert sum(p.numel() for p in aggregator.parameters()) == 64 * 8 + 8 + 8 * 64 + 64
+    assert sum(p.numel() for p in aggregator.parameters()) == 64 * 8 + 8 + 8 * 64 + 64 + 1  # f, and α
+
+
+def test_mlp_alpha_is_learnt_as_in_the_paper(world):
+    with seeded(0):
+        aggregator = build_aggregator("mlp", 64, mlp_hidden=8, mlp_alpha=0.2)
+    assert float(aggregator.alpha) == pytest.approx(0.2)
+    P = world.bank.embeddings[:4]
+    x = world.data.val_features[:4]
+    aggregator(x, P).sum().backward()
+    assert aggregator.alpha_logit.grad is not None and aggregator.alpha_logit.grad.abs() > 0
+    with pytest.raises(ValueError, match="mlp_alpha=1.0 must lie strictly between 0 and 1"):
+        build_aggregator("mlp", 64, mlp_alpha=1.0)
 
 
 def test_random_picks_one_real_description_reproducibly(world):

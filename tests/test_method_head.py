@@ -8,14 +8,22 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from aape.method import AAPEModel, ClassifierHead, seeded
+from aape.method.model import HEAD_INITS, HEAD_KINDS
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+FORMS = [(kind, init) for kind in HEAD_KINDS for init in HEAD_INITS]
 
 
-def _model(kind: str, dim: int = 48, dtype=torch.float64) -> AAPEModel:
+def _model(kind: str, dim: int = 48, dtype=torch.float64, init: str = "random", trained: bool = True) -> AAPEModel:
+    """A model; `trained` moves the residual form's zero-initialised output off zero, as training does."""
     with seeded(0):
-        model = AAPEModel(dim, hidden=16, head=kind, head_hidden=8, logit_scale=50.0).to(dtype)
+        model = AAPEModel(dim, hidden=16, head=kind, head_hidden=8, logit_scale=50.0, head_init=init).to(dtype)
+        if trained and init == "zeroshot":
+            with torch.no_grad():
+                for name, param in model.head.named_parameters():
+                    if name.startswith("expand") or name == "gain":
+                        param.copy_(0.3 * torch.randn_like(param))
     return model
 
 
@@ -26,9 +34,9 @@ def _inputs(batch: int, classes: int, dim: int, dtype=torch.float64):
     return x, w
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "full"])
-def test_fast_head_equals_the_naive_concatenation_in_values_and_gradients(kind):
-    model = _model(kind)
+@pytest.mark.parametrize("kind, init", FORMS)
+def test_fast_head_equals_the_naive_concatenation_in_values_and_gradients(kind, init):
+    model = _model(kind, init=init)
     x, w = _inputs(6, 11, 48)
     x.requires_grad_(True)
     fast = model.logits(x, w)
@@ -47,9 +55,9 @@ def test_fast_head_equals_the_naive_concatenation_in_values_and_gradients(kind):
         torch.testing.assert_close(g_fast, g_naive, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "full"])
-def test_fast_head_matches_in_float32_too(kind):
-    model = _model(kind, dim=64, dtype=torch.float32)
+@pytest.mark.parametrize("kind, init", FORMS)
+def test_fast_head_matches_in_float32_too(kind, init):
+    model = _model(kind, dim=64, dtype=torch.float32, init=init)
     x, w = _inputs(8, 30, 64, torch.float32)
     torch.testing.assert_close(model.logits(x, w), model.naive_logits(x, w), rtol=1e-4, atol=1e-4)
 
@@ -69,9 +77,10 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind, widest", [("bottleneck", 8), ("full", 48)])
-def test_fast_head_never_builds_a_batch_by_class_by_2d_tensor(kind, widest):
-    model = _model(kind)
+@pytest.mark.parametrize("kind, init", FORMS)
+def test_fast_head_never_builds_a_batch_by_class_by_2d_tensor(kind, init):
+    widest = 8 if kind == "bottleneck" else 48
+    model = _model(kind, init=init)
     x, w = _inputs(6, 40, 48)
     with _LargestTensor() as fast:
         model.logits(x, w).sum().backward()
@@ -91,14 +100,15 @@ def test_parameter_counts_match_the_paper_at_d512():
     # h + g = 83,008: the paper's "82k" (the paper rounds, or drops a bias: within 1.3%)
     assert 80_000 <= counts["total"] <= 84_000
     full = AAPEModel(512, head="full").parameter_counts()
-    assert full["g"] == 1024 * 512 + 512
+    assert full["g"] == 1024 * 512 + 512 + 1  # + the residual form's output gain
+    assert AAPEModel(512, head="full", head_init="random").parameter_counts()["g"] == 1024 * 512 + 512
 
 
 def test_class_part_computed_once_gives_the_same_logits_for_every_batch():
     model = _model("bottleneck")
     x, w = _inputs(10, 7, 48)
     part = model.class_part(w)
-    assert part.shape == (7, 8)
+    assert part.pre.shape == (7, 8)
     together = model.logits(x, w)
     in_pieces = torch.cat([model.logits_from(x[:3], part), model.logits_from(x[3:], part)])
     torch.testing.assert_close(together, in_pieces)
@@ -113,7 +123,7 @@ def test_logits_are_scaled_cosines_and_prompt_embedding_is_h():
 
 
 def test_head_output_depends_on_the_image_through_h():
-    # with the ReLU, h(x) re-weights the classes differently per image (METHOD.md 2.3)
+    # with the ReLU, h(x) re-weights the classes differently per image (docs/method.md)
     model = _model("bottleneck")
     x, w = _inputs(3, 6, 48)
     logits = model.logits(x, w)
@@ -135,3 +145,35 @@ def test_wrong_embedding_size_is_refused_with_a_clear_message():
 def test_unknown_head_kind_names_the_setting():
     with pytest.raises(ValueError, match="generator.head"):
         ClassifierHead(8, kind="wide")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="generator.head_init 'warm' is unknown"):
+        ClassifierHead(8, init="warm")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_untrained_default_model_is_exactly_zero_shot_clip(kind):
+    # head_init "zeroshot": w_i(x) = w_i + g(...) with g's output at zero, so logits = scale·cos(x, w_i)
+    model = _model(kind, init="zeroshot", trained=False)
+    x, w = _inputs(9, 13, 48)
+    zero_shot = 50.0 * x @ w.T  # x and w are unit vectors
+    torch.testing.assert_close(model.logits(x, w), zero_shot, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.naive_logits(x, w), zero_shot, rtol=0, atol=1e-12)
+    # and it stays so for any image prompt h(x): the classifier only moves once g's output layer does
+    with torch.no_grad():
+        model.generator.net[2].bias.add_(torch.randn(48, dtype=torch.float64))
+    torch.testing.assert_close(model.logits(x, w), zero_shot, rtol=0, atol=1e-12)
+
+
+def test_default_head_init_is_zeroshot_and_the_literal_form_starts_elsewhere():
+    assert AAPEModel(16).head.init == "zeroshot"
+    literal = _model("bottleneck", init="random")
+    x, w = _inputs(9, 13, 48)
+    assert not torch.allclose(literal.logits(x, w), 50.0 * x @ w.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_zero_shot_start_still_receives_gradients_into_g(kind):
+    model = _model(kind, init="zeroshot", trained=False)
+    x, w = _inputs(5, 7, 48)
+    torch.nn.functional.cross_entropy(model.logits(x, w), torch.arange(5)).backward()
+    output_layer = model.head.gain if kind == "full" else model.head.expand.weight
+    assert output_layer.grad is not None and output_layer.grad.abs().sum() > 0

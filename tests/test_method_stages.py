@@ -142,12 +142,33 @@ def test_both_stages_write_their_artifacts_and_the_model_classifies(artifacts):
     # parameter counts went to the tracker, per-epoch curves too
     child = next(c for c in tracker.children if c.name == "aape/seed1")
     assert child.params["params_h"] == gen_summary["params_h"] and child.tags["random_init"] == "true"
-    assert sorted({s for n, _, s in child.metrics if n == "val_accuracy"}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({s for n, _, s in child.metrics if n == "val_accuracy"}) == [0, 1, 2, 3, 4, 5, 6]  # 0: untrained
     assert not (out / "resume.pt").exists()
 
 
-def test_the_checkpoint_keeps_the_best_validation_epoch(artifacts):
+def test_the_checkpoint_keeps_the_last_epoch_by_default_and_history_has_the_diagnostics(artifacts):
     params = _params(artifacts)
+    train_aggregator.run(params)
+    distill_generator.run(params)
+    layout = Layout.from_params(params)
+    out = layout.generator / "seed1"
+    record = json.loads((out / "history.json").read_text())
+    meta = json.loads((out / "generator.json").read_text())
+    assert record["select"] == "last" and meta["best_epoch"] == 6 == record["history"][-1]["epoch"]
+    assert meta["best_val_loss"] == pytest.approx(record["history"][-1]["val_loss"])
+    # before the first step the default model is zero-shot CLIP: its validation figures are recorded
+    assert record["initial"]["epoch"] == 0 and 0.0 <= record["initial"]["val_accuracy"] <= 1.0
+    for epoch in (record["initial"], *record["history"]):  # held-out distillation beside the constant predictor
+        assert {"val_distill", "val_distill_constant", "distill_ratio"} <= set(epoch)
+        assert epoch["distill_ratio"] == pytest.approx(epoch["val_distill"] / epoch["val_distill_constant"])
+    aggregator = json.loads((layout.aggregator / "seed1" / "history.json").read_text())
+    for epoch in (aggregator["initial"], *aggregator["history"]):
+        assert 0.0 < epoch["attention_entropy"] <= 1.0 + 1e-6 and epoch["summary_shift"] >= 0.0
+    assert aggregator["initial"]["attention_entropy"] > 0.9  # untrained attention is near uniform
+
+
+def test_best_on_validation_is_kept_when_asked(artifacts):
+    params = _params(artifacts, "generator.schedule.select=best-val")
     train_aggregator.run(params)
     distill_generator.run(params)
     out = Layout.from_params(params).generator / "seed1"

@@ -164,7 +164,8 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_finished_epochs(
 
 
 class _ScriptedObjective:
-    """A real loss on a tiny linear model, with validation figures read from a script."""
+    """A real loss on a tiny linear model, with validation figures read from a script (the first
+    entry is the untrained model's, validated before the first step)."""
 
     def __init__(self, accuracies):
         self.accuracies = list(accuracies)
@@ -182,12 +183,15 @@ class _ScriptedObjective:
     def selection_key(self, figures):
         return (figures["val_accuracy"], -figures["val_loss"])
 
+    def diagnostics(self, model):
+        return {"weight_norm": float(model.weight.norm())}
 
-def test_the_best_epoch_is_chosen_on_validation_and_its_weights_are_kept():
+
+def _scripted_fit(select: str):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     snapshots = []
-    objective = _ScriptedObjective([0.2, 0.9, 0.5, 0.9, 0.1])
+    objective = _ScriptedObjective([0.95, 0.2, 0.9, 0.5, 0.9, 0.1])
     original_validate = objective.validate
 
     def validate_and_snapshot(m):
@@ -196,12 +200,34 @@ def test_the_best_epoch_is_chosen_on_validation_and_its_weights_are_kept():
 
     objective.validate = validate_and_snapshot
     tracker = RecordingTracker()
-    result = fit(model, objective, n_items=16, n_views=1, schedule=ScheduleConfig(lr=0.1, epochs=5, batch_size=4), epochs=5, seed=0, tracker=tracker)
-    assert result.best_epoch == 4  # 0.9 twice: the later, more trained epoch
-    assert all(torch.equal(result.best_state[k], snapshots[3][k]) for k in snapshots[3])
+    schedule = ScheduleConfig(lr=0.1, epochs=5, batch_size=4, select=select)
+    result = fit(model, objective, n_items=16, n_views=1, schedule=schedule, epochs=5, seed=0, tracker=tracker)
+    return model, result, snapshots, tracker
+
+
+def test_the_last_epoch_is_kept_by_default_as_coop_does():
+    assert ScheduleConfig().select == "last"
+    model, result, snapshots, _ = _scripted_fit("last")
+    assert result.best_epoch == 5 and result.best_figures["val_accuracy"] == 0.1  # the worst epoch, kept anyway
+    assert all(torch.equal(result.best_state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(result.best_state[k], snapshots[5][k]) for k in snapshots[5])
+
+
+def test_best_on_validation_is_an_option_and_keeps_that_epochs_weights():
+    model, result, snapshots, tracker = _scripted_fit("best-val")
+    assert result.best_epoch == 4  # 0.9 twice: the later, more trained epoch; the untrained 0.95 is not a candidate
+    assert all(torch.equal(result.best_state[k], snapshots[4][k]) for k in snapshots[4])
     assert not torch.equal(result.best_state["weight"], model.weight)  # the model trained on past it
     steps = sorted({step for name, _, step in tracker.metrics if name == "val_accuracy"})
-    assert steps == [1, 2, 3, 4, 5]  # one point per epoch on the tracker, curve-ready
+    assert steps == [0, 1, 2, 3, 4, 5]  # the untrained model at step 0, then one point per epoch
+
+
+def test_figures_before_the_first_step_are_recorded_separately_from_the_epochs():
+    _, result, snapshots, tracker = _scripted_fit("last")
+    assert result.initial == {"epoch": 0, "val_accuracy": 0.95, "val_loss": 1.0, "weight_norm": pytest.approx(float(snapshots[0]["weight"].norm()))}
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5]
+    assert all("weight_norm" in r for r in result.history)  # diagnostics every epoch
+    assert ("weight_norm", pytest.approx(result.initial["weight_norm"]), 0) in tracker.metrics
 
 
 def test_generator_training_reports_validation_accuracy_every_epoch(world, summaries):
@@ -212,12 +238,11 @@ def test_generator_training_reports_validation_accuracy_every_epoch(world, summa
         assert {"val_accuracy", "val_loss", "train_ce", "train_distill", "train_accuracy", "lr"} <= set(record)
     names = {name for name, _, _ in tracker.metrics}
     assert {"val_accuracy", "train_loss", "train_distill", "lr"} <= names
-    # the model returned holds the best epoch's weights
-    best = result.history[result.best_epoch - 1]
-    assert best["val_accuracy"] == max(r["val_accuracy"] for r in result.history)
+    # the model returned holds the last epoch's weights
+    assert result.best_epoch == 30 and result.best_figures == {k: result.history[-1][k] for k in result.best_figures}
     objective = DistillObjective(world.data, world.class_text, summaries, 5.0)
     with torch.no_grad():
-        assert objective.validate(model)["val_accuracy"] == pytest.approx(best["val_accuracy"])
+        assert objective.validate(model)["val_accuracy"] == pytest.approx(result.history[-1]["val_accuracy"])
 
 
 # what the loss does ----------------------------------------------------------------------------

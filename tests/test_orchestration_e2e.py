@@ -47,7 +47,8 @@ def _project(tmp: Path, tiny_backbone) -> Path:
         "data.dataset=eurosat", f"data.root={tmp / 'data'}", "data.shots=2", "backbone.model=aape-tiny",
         f"backbone.pretrained={weights}", "prompts.source=cupl-json", f"prompts.file={tmp / 'data' / 'cupl.json'}",
         "features.augmented_views=2", "features.num_workers=0", "aggregator.heads=2", "aggregator.schedule.epochs=2",
-        "generator.schedule.epochs=3", "tracking.enabled=false", "evaluation.linear_probe_c_grid=[1.0, 100.0]",
+        "generator.schedule.epochs=3", "tracking.enabled=false", "evaluation.linear_probe_c_range=[1.0, 100.0]",
+        "evaluation.linear_probe_c_coarse_points=2", "evaluation.linear_probe_c_refine_steps=0",
     ])
     dump_params(params, project / "params.yaml")
     _sh(["git", "init", "-q"], project)

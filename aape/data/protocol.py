@@ -1,4 +1,4 @@
-"""The few-shot and base-to-new protocols (METHOD.md section 4), deterministic by construction.
+"""The few-shot and base-to-new protocols (docs/method.md, "Protocols"), deterministic by construction.
 
 A draw ranks each class's images by sha256(tag, seed, relative path) and keeps the first K. It
 therefore depends only on the split's content and the seed: not on listing order, absolute paths,

@@ -4,23 +4,27 @@ A classifier scores a batch of L2-normalised image features against a list of *g
 labels and returns logits in that list's order. Baselines are computed from the cached feature
 tensors (no encoder runs here):
 
-- zero-shot:           the text embedding of "a photo of a {class}."
-- zero-shot ensemble:  the mean of the template ensemble's embeddings, re-normalised
+- zero-shot:           the text embedding of the dataset's zero-shot template (CoOp's, by default)
+- zero-shot ensemble:  the mean of the template ensemble's embeddings (CLIP's set), re-normalised
 - CuPL:                the mean of the class's description embeddings, re-normalised
 - linear probe:        multinomial logistic regression on the same few shots (their clean
-                       features), full-batch L-BFGS from zero (deterministic), L2 strength
-                       chosen on validation from evaluation.linear_probe_c_grid
+                       features), full-batch L-BFGS (deterministic), its C searched on validation
+                       as CLIP's paper and CoOp's lpclip do (`CSearch`)
 - AAPE:                the trained generator with the fast head (`model.logits`)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from aape.config import EvaluationConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,9 @@ class LinearProbe:
     regularisation_c: float
     val_accuracy: float
     name: str = "linear-probe"
+    val_loss: float = float("nan")  # validation cross-entropy of the chosen C
+    fits: int = 1  # logistic regressions fitted to choose C
+    trials: list[tuple[float, float, float]] = field(default_factory=list)  # (C, val accuracy, val loss), in fit order
 
     def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
         position = {c: i for i, c in enumerate(self.trained_classes)}
@@ -114,12 +121,98 @@ class LinearProbe:
         return features @ self.weights[rows].T + self.bias[rows]
 
 
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class CSearch:
+    """The search for the linear probe's C (inverse L2 strength) on validation.
+
+    CLIP's paper sweeps C log-spaced over 1e-6..1e6; CoOp's lpclip tries 1e-6..1e6 every two decades,
+    then refines around the best by bisection in log space. Here: `coarse_points` log-spaced values over
+    [low, high] (both ends included), then `refine_steps` steps that halve the step h and try
+    best·10^±h, keeping the best. For a validation score with one peak in the range, the chosen C is
+    within a factor `resolution` of the peak."""
+
+    low: float = 1e-6
+    high: float = 1e6
+    coarse_points: int = 13
+    refine_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise EvaluationError(f"linear probe C range must satisfy 0 < low < high, got [{self.low}, {self.high}]")
+        if self.coarse_points < 2 or self.refine_steps < 0:
+            raise EvaluationError(
+                f"linear probe C search needs >= 2 coarse points and >= 0 refinement steps, "
+                f"got {self.coarse_points} and {self.refine_steps}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: "EvaluationConfig") -> "CSearch":
+        low, high = cfg.linear_probe_c_range
+        return cls(float(low), float(high), cfg.linear_probe_c_coarse_points, cfg.linear_probe_c_refine_steps)
+
+    @property
+    def spacing(self) -> float:
+        """log10 distance between neighbouring coarse points."""
+        return (math.log10(self.high) - math.log10(self.low)) / (self.coarse_points - 1)
+
+    @property
+    def resolution(self) -> float:
+        return 10.0 ** (self.spacing / 2**self.refine_steps)
+
+    @property
+    def middle(self) -> float:
+        """The geometric middle of the range: the C used when there is nothing to choose on."""
+        return 10.0 ** ((math.log10(self.low) + math.log10(self.high)) / 2)
+
+    def describe(self) -> str:
+        return (f"{self.coarse_points} log-spaced C over [{self.low:g}, {self.high:g}], {self.refine_steps} refinement "
+                f"steps (resolution x{self.resolution:.3g})")
+
+
+Score = tuple[float, ...]
+
+
+def log_scale_search(score: Callable[[float], Score], search: CSearch) -> tuple[float, dict[float, Score]]:
+    """(best C, {C: score} of every C tried, in the order tried) maximising `score`.
+
+    Scores are compared as tuples; equal scores go to the smaller C (stronger regularisation), so
+    the outcome depends on nothing but the scores. Every C is scored once."""
+    lo, hi = math.log10(search.low), math.log10(search.high)
+    scores: dict[float, Score] = {}
+    exponent: dict[float, float] = {}
+
+    def trial(e: float) -> float:
+        c = 10.0**e
+        if c not in scores:
+            scores[c] = tuple(score(c))
+            exponent[c] = e
+        return c
+
+    def rank(c: float) -> tuple[float, ...]:
+        return (*scores[c], -c)
+
+    n = search.coarse_points
+    coarse = [lo + (hi - lo) * i / (n - 1) for i in range(n - 1)] + [hi]  # both ends included
+    best = max((trial(e) for e in coarse), key=rank)
+    step = search.spacing
+    for _ in range(search.refine_steps):
+        step /= 2
+        around = [exponent[best] - step, exponent[best] + step]
+        best = max([best, *(trial(e) for e in around if lo <= e <= hi)], key=rank)
+    return best, scores
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int,
+                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, sklearn's objective (C·Σ CE + ½‖W‖², bias not penalised)
-    divided by C·n, minimised by full-batch L-BFGS in float64 from zero: deterministic."""
+    divided by C·n, minimised by full-batch L-BFGS in float64 from zero or from `init` (the fit of
+    a nearby C: the objective is strictly convex in W, so a warm start only saves iterations)."""
     n, d = x.shape
-    weight = torch.zeros(num_classes, d, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    if init is None:
+        weight = torch.zeros(num_classes, d, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    else:
+        weight, bias = (t.detach().clone().requires_grad_(True) for t in init)
     optimiser = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
                                   tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
@@ -139,41 +232,49 @@ def train_linear_probe(
     train_labels: torch.Tensor,
     val_features: torch.Tensor,
     val_labels: torch.Tensor,
-    c_grid: Sequence[float],
+    search: CSearch | None = None,
     max_iter: int = 300,
 ) -> LinearProbe:
-    """Fit one probe per C on the training shots, keep the C with the best validation accuracy.
+    """Fit probes on the training shots for the C values of `search` and keep the best on validation.
 
-    Ties go to the smallest C (strongest regularisation). With no validation images the middle of
-    the grid is used (and logged)."""
+    Best = highest validation accuracy; ties (common with a few validation images) go to the lower
+    validation cross-entropy, then to the smaller C. Each fit starts from the fit of the nearest C
+    tried before it. With no validation images the middle of the range is used (and logged)."""
+    search = search or CSearch()
     classes = sorted(int(c) for c in torch.unique(train_labels))
     if len(classes) < 2:
         raise EvaluationError(f"a linear probe needs at least 2 training classes, got {classes}")
-    grid = sorted(float(c) for c in c_grid)
-    if not grid:
-        raise EvaluationError("evaluation.linear_probe_c_grid is empty; give at least one value, e.g. [1.0]")
     position = {c: i for i, c in enumerate(classes)}
     x = train_features.double()
     y = torch.as_tensor([position[int(c)] for c in train_labels], dtype=torch.long)
     known_val = torch.isin(val_labels, torch.as_tensor(classes))
     xv = val_features[known_val].double()
     yv = torch.as_tensor([position[int(c)] for c in val_labels[known_val]], dtype=torch.long)
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     if len(yv) == 0:
-        chosen, best_acc = grid[len(grid) // 2], float("nan")
-        log.warning("linear probe: no validation images; using C=%g without selection", chosen)
-    else:
-        chosen, best_acc = grid[0], -1.0
-        for c in grid:
-            fits[c] = _fit_logistic(x, y, len(classes), c, max_iter)
-            weight, bias = fits[c]
-            acc = 100.0 * ((xv @ weight.T + bias).argmax(-1) == yv).double().mean().item()
-            log.debug("linear probe C=%g: val accuracy %.2f", c, acc)
-            if acc > best_acc:
-                chosen, best_acc = c, acc
-    weight, bias = fits[chosen] if chosen in fits else _fit_logistic(x, y, len(classes), chosen, max_iter)
-    log.info("linear probe: C=%g chosen on validation (accuracy %.2f%%)", chosen, best_acc)
-    return LinearProbe(weight.float(), bias.float(), classes, chosen, best_acc)
+        chosen = search.middle
+        weight, bias = _fit_logistic(x, y, len(classes), chosen, max_iter)
+        log.warning("linear probe: no validation images; using C=%g (the middle of the range) without selection", chosen)
+        return LinearProbe(weight.float(), bias.float(), classes, chosen, float("nan"), fits=1)
+
+    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def validation_score(c: float) -> Score:
+        nearest = min(fits, key=lambda done: abs(math.log(done / c)), default=None)
+        fits[c] = _fit_logistic(x, y, len(classes), c, max_iter, fits.get(nearest) if nearest is not None else None)
+        logits = xv @ fits[c][0].T + fits[c][1]
+        acc = 100.0 * (logits.argmax(-1) == yv).double().mean().item()
+        loss = F.cross_entropy(logits, yv).item()
+        log.debug("linear probe C=%.4g: val accuracy %.2f, cross-entropy %.4f", c, acc, loss)
+        return acc, -loss
+
+    chosen, scores = log_scale_search(validation_score, search)
+    weight, bias = fits[chosen]
+    best_acc, best_loss = scores[chosen][0], -scores[chosen][1]
+    log.info("linear probe: C=%.4g chosen on validation (accuracy %.2f%%, cross-entropy %.4f) after %d fits; %s",
+             chosen, best_acc, best_loss, len(fits), search.describe())
+    trials = [(c, acc, -neg_loss) for c, (acc, neg_loss) in scores.items()]
+    return LinearProbe(weight.float(), bias.float(), classes, chosen, best_acc, val_loss=best_loss, fits=len(fits),
+                       trials=trials)
 
 
 @dataclass
@@ -182,7 +283,7 @@ class ModelClassifier:
 
     name: str
     model: object
-    class_text: torch.Tensor  # [C, d] "a photo of a {}." per global class
+    class_text: torch.Tensor  # [C, d] features.class_template per global class
 
     def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
         text = self.class_text[torch.as_tensor(list(classes), dtype=torch.long)]

@@ -1,4 +1,4 @@
-"""The evaluation protocols of METHOD.md section 4, run for every method and seed.
+"""The evaluation protocols of docs/method.md, "Protocols", run for every method and seed.
 
 - the training dataset's own protocol, from data/classes.json: `base2new` (base test images among
   the base classes, new test images among the new classes) or `fewshot` (all classes);
@@ -25,6 +25,7 @@ from aape.data.images import DataError
 from aape.data.manifests import read_classes as read_classes_file
 from aape.evaluation.classifiers import (
     Classifier,
+    CSearch,
     EvaluationError,
     ModelClassifier,
     NotApplicable,
@@ -35,6 +36,7 @@ from aape.evaluation.classifiers import (
 )
 from aape.evaluation.results import SetOutcome, evaluate_set
 from aape.features import FeatureBundle
+from aape.features.baseline_templates import BaselineTemplates
 from aape.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -168,7 +170,7 @@ def build_classifiers(methods: Sequence[str], bundle: FeatureBundle, info: Class
     built: dict[str, Classifier] = {}
     for method in methods:
         if method == "zeroshot":
-            built[method] = zeroshot(bundle.class_prompts, bundle.logit_scale)
+            built[method] = zeroshot(bundle.zeroshot_prompts, bundle.logit_scale)
         elif method == "zeroshot-ensemble":
             built[method] = zeroshot_ensemble(bundle.class_ensemble, bundle.logit_scale)
         elif method == "cupl":
@@ -181,7 +183,7 @@ def build_classifiers(methods: Sequence[str], bundle: FeatureBundle, info: Class
         elif method == "linear-probe":
             keep = torch.isin(bundle.train_labels, torch.as_tensor(info.train_classes))
             built[method] = train_linear_probe(bundle.train_clean[keep], bundle.train_labels[keep], bundle.val_features,
-                                               bundle.val_labels, params.evaluation.linear_probe_c_grid)
+                                               bundle.val_labels, CSearch.from_config(params.evaluation))
         elif method in ("aape", "aape-nodistill"):
             built[method] = ModelClassifier(method, load_aape(layout, method, bundle.seed, bundle, info), bundle.class_prompts)
         else:
@@ -199,8 +201,10 @@ class TransferTarget:
     features: torch.Tensor  # [N, d]
     labels: torch.Tensor  # [N] the target's own labels
     parent_labels: list[int] | None = None  # target label -> training-dataset label (domain shift)
-    class_prompts: torch.Tensor | None = None  # [C_t, d], needed when parent_labels is None
+    class_prompts: torch.Tensor | None = None  # [C_t, d] features.class_template, needed when parent_labels is None
+    class_zeroshot: torch.Tensor | None = None  # [C_t, d] the zero-shot baseline's template for the target
     class_ensemble: torch.Tensor | None = None
+    templates: BaselineTemplates | None = None  # the target's baseline templates (cross-dataset only)
     notes: list[str] = field(default_factory=list)
 
 
@@ -210,7 +214,7 @@ def transfer_classifier(method: str, source: Classifier, target: TransferTarget)
     if target.parent_labels is not None:
         return Remapped(source, target.parent_labels)
     if method == "zeroshot":
-        return zeroshot(target.class_prompts, source.logit_scale)  # type: ignore[attr-defined]
+        return zeroshot(target.class_zeroshot, source.logit_scale)  # type: ignore[attr-defined]
     if method == "zeroshot-ensemble":
         return zeroshot_ensemble(target.class_ensemble, source.logit_scale)  # type: ignore[attr-defined]
     if isinstance(source, ModelClassifier):

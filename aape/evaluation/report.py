@@ -1,5 +1,5 @@
 """report.md: what a person reads first. Tables in the paper's layout (Base / New / H per dataset
-and method), the reference numbers of METHOD.md section 5 beside ours when they are comparable
+and method), the reference numbers of docs/method.md ("Reference numbers") beside ours when they are comparable
 (ViT-B-16 with OpenAI weights), and a bold warning at the very top when the weights are random."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from aape.evaluation.metrics import MeanStd
 from aape.evaluation.results import BASE2NEW, CROSS_DATASET, DOMAIN_SHIFT, FEWSHOT
 
 METHOD_TITLES = {
-    "zeroshot": 'CLIP zero-shot ("a photo of a {}.")',
+    "zeroshot": "CLIP zero-shot (one template per dataset)",
     "zeroshot-ensemble": "CLIP zero-shot, template ensemble",
     "cupl": "CuPL (mean of description embeddings)",
     "linear-probe": "Linear probe (same shots)",
@@ -19,7 +19,7 @@ METHOD_TITLES = {
     "aape": "AAPE",
 }
 
-# METHOD.md section 5: ViT-B/16, 16 shots, base-to-new, average over the 11 datasets (Base, New, H).
+# docs/method.md, "Reference numbers": ViT-B/16, 16 shots, base-to-new, average over the 11 datasets (Base, New, H).
 PAPER_REFERENCE: list[tuple[str, str, str, str]] = [
     ("CLIP zero-shot", "69.34", "74.22", "71.70"),
     ("CoOp", "82.69", "63.22", "71.66"),
@@ -55,6 +55,7 @@ class ReportContext:
     set_sizes: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)  # (scope, dataset, set) -> (images, classes)
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the report)
     remarks: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)  # how each baseline was built (templates, the probe's C)
 
     @property
     def comparable_to_paper(self) -> bool:
@@ -107,7 +108,7 @@ def _own_table(ctx: ReportContext) -> list[str]:
         lines += ["Evaluated on " + "; ".join(sizes) + ".", ""]
     lines += _table(header, rows) + [""]
     if scope == BASE2NEW and ctx.comparable_to_paper:
-        lines += ["\\* METHOD.md section 5: the paper's ViT-B/16 figures, averaged over the 11 datasets, "
+        lines += ["\\* docs/method.md (Reference numbers): the paper's ViT-B/16 figures, averaged over the 11 datasets, "
                   "not this dataset alone; compare with care.", ""]
     lines += _footnotes(ctx, scope)
     return lines
@@ -145,11 +146,13 @@ def render_report(ctx: ReportContext) -> str:
     lines += _transfer_table(ctx, CROSS_DATASET, "Cross-dataset transfer")
     lines += _transfer_table(ctx, DOMAIN_SHIFT, "Domain shift")
     if ctx.comparable_to_paper and ctx.protocol == BASE2NEW:
-        lines += ["## Reference: METHOD.md section 5 (ViT-B/16, 16 shots, base-to-new, 11-dataset average)", ""]
+        lines += ["## Reference: docs/method.md, Reference numbers (ViT-B/16, 16 shots, base-to-new, 11-dataset average)", ""]
         lines += _table(["Method", "Base", "New", "H"], [list(r) for r in PAPER_REFERENCE]) + [""]
     elif not ctx.comparable_to_paper:
-        lines += [f"_The paper's reference numbers (METHOD.md section 5) are for ViT-B-16 with OpenAI weights; "
+        lines += [f"_The paper's reference numbers (docs/method.md, Reference numbers) are for ViT-B-16 with OpenAI weights; "
                   f"they are not shown for `{ctx.backbone_model}`/`{ctx.pretrained}`._", ""]
+    if ctx.baselines:
+        lines += ["## Baselines", ""] + [f"- {b}" for b in ctx.baselines] + [""]
     if ctx.remarks:
         lines += ["## Remarks", ""] + [f"- {r}" for r in ctx.remarks] + [""]
     if ctx.plots:

@@ -85,6 +85,7 @@ def _backbone(params: Params, bundle: FeatureBundle):
 def _encode_target(scope: str, name: str, splits, records, backbone, params: Params, layout: Layout,
                    info: ClassesInfo) -> TransferTarget:
     from aape.features import class_template_features, image_features, text_features
+    from aape.features.baseline_templates import baseline_templates
 
     encoded = image_features(backbone, splits.image_root, [r.path for r in records], layout.cache,
                              skip_unreadable=params.data.skip_unreadable, batch_size=params.features.batch_size,
@@ -101,9 +102,13 @@ def _encode_target(scope: str, name: str, splits, records, backbone, params: Par
     if scope == DOMAIN_SHIFT:
         target.parent_labels = class_mapping(target.classnames, splits.parent_labels, info, name)
     else:
+        # AAPE reads the target's classes through features.class_template; the zero-shot baselines use
+        # the target dataset's own baseline templates (CoOp's / CLIP's for it), as in the papers.
         template = params.features.class_template
         target.class_prompts = text_features(backbone, [template.format(c) for c in target.classnames], layout.cache)
-        target.class_ensemble = class_template_features(backbone, target.classnames, params.features.ensemble_templates,
-                                                        layout.cache)
+        target.templates = baseline_templates(params.features, name)
+        target.class_zeroshot = text_features(backbone, [target.templates.zeroshot.format(c) for c in target.classnames],
+                                              layout.cache)
+        target.class_ensemble = class_template_features(backbone, target.classnames, target.templates.ensemble, layout.cache)
     log.info("%s target %s: %d test images, %d classes", scope, target.name, len(labels), len(target.classnames))
     return target

@@ -3,7 +3,9 @@
     features/seed{S}/train.safetensors  views [N,V,d], clean [N,d], labels [N], rows [N]
     features/seed{S}/val.safetensors    features [N,d], labels [N], rows [N]
     features/test.safetensors           features [N,d], labels [N], rows [N]   (shared by all seeds)
-    features/text.safetensors           class_prompts [C,d], class_ensemble [C,d],
+    features/text.safetensors           class_prompts [C,d] (features.class_template: AAPE's),
+                                        class_zeroshot [C,d] (the zero-shot baseline's template),
+                                        class_ensemble [C,d] (the baseline's template ensemble),
                                         descriptions [M,d], description_class [M]
     features/index.json                 backbone identity, random_init, embed_dim, logit_scale, keys
     features/skipped.json               unreadable images that were skipped (empty list when none)
@@ -13,7 +15,8 @@ for every feature row, its row number in the manifest Parquet it came from: it e
 unless unreadable images were skipped (`data.skip_unreadable`), in which case those rows are
 absent from every tensor of the file (features, labels and rows stay aligned) and are listed in the
 file's metadata and in skipped.json. Every file carries a JSON-valued metadata header (`format`,
-`identity`, `random_init`, `embed_dim`, ...).
+`identity`, `random_init`, `embed_dim`, ...); text.safetensors's also names the templates used
+(`class_template`, `zeroshot_template`, `ensemble_templates` and their sources).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ class FeatureBundle:
     val_labels: torch.Tensor  # [Nv]
     test_features: torch.Tensor  # [Nt, d]
     test_labels: torch.Tensor  # [Nt]
-    class_prompts: torch.Tensor  # [C, d] "a photo of a {}." for every class of classes.json
-    class_ensemble: torch.Tensor  # [C, d] mean over the template ensemble, re-normalised
+    class_prompts: torch.Tensor  # [C, d] features.class_template for every class of classes.json
+    class_ensemble: torch.Tensor  # [C, d] mean over the baseline's template ensemble, re-normalised
     descriptions: torch.Tensor  # [M, d] in descriptions.parquet row order
     description_class: torch.Tensor  # [M] int64 global label of each description
     logit_scale: float
@@ -92,6 +95,20 @@ class FeatureBundle:
     val_rows: torch.Tensor | None = None
     test_rows: torch.Tensor | None = None
     index: dict[str, Any] = field(default_factory=dict, repr=False)
+    # [C, d] the zero-shot baseline's template per class; None in text files of older versions, which
+    # the method stages can still use (they need class_prompts only) but the evaluation cannot
+    class_zeroshot: torch.Tensor | None = None
+    text_meta: dict[str, Any] = field(default_factory=dict, repr=False)  # text.safetensors's header
+
+    @property
+    def zeroshot_prompts(self) -> torch.Tensor:
+        """class_zeroshot, or a FeatureError saying how to get it."""
+        if self.class_zeroshot is None:
+            raise FeatureError(
+                "features/text.safetensors has no class_zeroshot (the zero-shot baseline's prompts, "
+                "features.zeroshot_template): it was written by an older version. Re-run `aape extract-features`."
+            )
+        return self.class_zeroshot
 
     @property
     def num_views(self) -> int:
@@ -176,8 +193,9 @@ def load_bundle(layout: Layout, seed: int) -> FeatureBundle:
     test = read_tensors(test_path, ("features", "labels"))
     text = read_tensors(text_file(layout), ("class_prompts", "class_ensemble", "descriptions", "description_class"))
     identity = index["identity"]
-    for path in (train_path, val_path, test_path, text_file(layout)):
-        file_identity = read_metadata(path).get("identity")
+    headers = {path: read_metadata(path) for path in (train_path, val_path, test_path, text_file(layout))}
+    for path, header in headers.items():
+        file_identity = header.get("identity")
         if file_identity != identity:
             raise FeatureError(
                 f"{path} was computed with backbone {file_identity!r} but index.json says {identity!r}: "
@@ -205,4 +223,6 @@ def load_bundle(layout: Layout, seed: int) -> FeatureBundle:
         val_rows=_rows_or_arange(val, len(val["labels"])),
         test_rows=_rows_or_arange(test, len(test["labels"])),
         index=index,
+        class_zeroshot=text.get("class_zeroshot"),
+        text_meta=headers[text_file(layout)],
     )

@@ -29,6 +29,7 @@ from aape.features.bundle import (
     split_file,
     text_file,
 )
+from aape.features.baseline_templates import baseline_templates
 from aape.features.image_encoder import CLEAN, SkippedImage, augmented_views, backbone_key, encode_views, raise_unreadable
 from aape.features.text_encoder import encode_texts_cached, ensemble_mean, text_entry
 from aape.layout import Layout
@@ -124,6 +125,7 @@ class Extractor:
         self.backbone, self.layout, self.params = backbone, layout, params
         self.report = ExtractionReport()
         self.base_meta = {"identity": backbone.identity, "random_init": backbone.random_init, "embed_dim": backbone.embed_dim}
+        self.baselines = baseline_templates(params.features, params.data.dataset)
 
     def run(self) -> ExtractionReport:
         classes = read_classes(self.layout)
@@ -206,8 +208,12 @@ class Extractor:
 
     def _texts(self, classnames: list[str]) -> None:
         cfg = self.params.features
+        # AAPE's class prompts and the zero-shot baseline's are separate sets: the baseline follows
+        # CoOp's per-dataset template, AAPE keeps features.class_template (the cache shares equal texts).
         prompts, prompts_key = self._encode_texts([cfg.class_template.format(c) for c in classnames], "class prompts")
-        templates = cfg.ensemble_templates or [cfg.class_template]
+        baselines = self.baselines
+        zeroshot, zeroshot_key = self._encode_texts([baselines.zeroshot.format(c) for c in classnames], "zero-shot prompts")
+        templates = list(baselines.ensemble)
         ensemble_texts = [t.format(c) for c in classnames for t in templates]
         ensemble_raw, ensemble_key = self._encode_texts(ensemble_texts, "template ensemble")
         ensemble = ensemble_mean(ensemble_raw, len(classnames), len(templates))
@@ -215,18 +221,19 @@ class Extractor:
         descriptions, descriptions_key = self._encode_texts(frame["text"].astype(str).tolist(), "descriptions")
         tensors = {
             "class_prompts": prompts,
+            "class_zeroshot": zeroshot,
             "class_ensemble": ensemble,
             "descriptions": descriptions,
             "description_class": torch.tensor(frame["class_index"].to_numpy(), dtype=torch.int64),
         }
-        meta = {**self.base_meta, "classnames": classnames, "class_template": cfg.class_template, "ensemble_templates": templates}
+        meta = {**self.base_meta, "classnames": classnames, "class_template": cfg.class_template, **baselines.metadata()}
         path = text_file(self.layout)
         atomic_save_tensors(path, tensors, meta)
         self.report.outputs.append(path)
         self.report.files[path.name] = {
             "classes": len(classnames),
             "descriptions": len(frame),
-            "cache_keys": [prompts_key, ensemble_key, descriptions_key],
+            "cache_keys": [prompts_key, zeroshot_key, ensemble_key, descriptions_key],
         }
 
     def _index(self, classes: dict[str, Any], classnames: list[str]) -> dict[str, Any]:
@@ -250,6 +257,8 @@ class Extractor:
             seeds=list(self.params.run.seeds),
             augmented_views=cfg.augmented_views,
             class_template=cfg.class_template,
+            zeroshot_template=self.baselines.zeroshot,
+            ensemble_templates_source=self.baselines.ensemble_source,
             skip_unreadable=self.params.data.skip_unreadable,
             skipped=len(self.report.skipped),
             files=self.report.files,

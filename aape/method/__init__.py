@@ -1,5 +1,5 @@
 """The AAPE method on cached CLIP features: aggregator, prompt generator h, classifier head g,
-their training, and their checkpoints (METHOD.md section 2)."""
+their training, and their checkpoints (docs/method.md)."""
 
 from aape.method.aggregator import (
     VARIANTS,
@@ -14,7 +14,7 @@ from aape.method.aggregator import (
 from aape.method.checkpoint import CheckpointError, CheckpointMismatchError
 from aape.method.descriptions import DescriptionBank, MissingDescriptionsError, to_local
 from aape.method.model import AAPEModel, ClassifierHead, PromptGenerator
-from aape.method.objectives import TrainingSet, compute_summaries, seeded, train_aggregator, train_generator
+from aape.method.objectives import TrainingSet, compute_summaries, seeded, summarize_images, train_aggregator, train_generator
 from aape.method.training import FitResult, NonFiniteLossError, epoch_draw, fit
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "load_aggregator",
     "save_aggregator",
     "seeded",
+    "summarize_images",
     "to_local",
     "train_aggregator",
     "train_generator",

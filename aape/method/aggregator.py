@@ -1,4 +1,4 @@
-"""The prompt aggregator (METHOD.md section 2.1): many descriptions of a class -> one summary p^a.
+"""The prompt aggregator (docs/method.md, "The aggregator"): many descriptions of a class -> one summary p^a.
 
 Variants (`aggregator.variant`):
 - `attention` (default, image-conditioned): one attention block whose query is built from the
@@ -8,7 +8,8 @@ Variants (`aggregator.variant`):
   copying x.
 - `literal`: self-attention over [p̄, P] without x, as the paper's equation is written (one summary
   per class, the same for every image).
-- `mean`: p^a = p̄ (CuPL). `mlp`: p^a = α·f(p̄) + (1-α)·p̄. `random`: one random description.
+- `mean`: p^a = p̄ (CuPL). `mlp`: p^a = α·f(p̄) + (1-α)·p̄ with α learnt, as in the paper.
+  `random`: one random description.
 
 The summary token is "a learnable token initialised to p̄": since p̄ differs by class, it is
 p̄ + δ with one shared learnable δ initialised to 0; it seeds the query. Untrained, the attention is
@@ -124,18 +125,22 @@ class AttentionAggregator(Aggregator):
         attended = torch.einsum("bn,bnd->bd", weights, values)
         return F.normalize(mean + self.log_gain.exp() * attended, dim=-1)
 
+    def description_weights(self, x: torch.Tensor, P: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each item's attention over its own descriptions, heads averaged: [B, n] (0 on padding).
+
+        For `literal` the summary token's own share is left out, so rows sum to less than one."""
+        _, query_in, keys, key_mask, _ = self._sequence(x, P, mask)
+        weights = self._weights(query_in, keys, key_mask).mean(dim=1)
+        return weights if self.image_conditioned else weights[:, 1:]
+
     @torch.no_grad()
     def attention_weights(self, x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         """x [B,d], one class's descriptions P [n,d] -> [B,n], averaged over heads.
 
         For `literal` the summary token's own share is left out, so rows sum to less than one.
         """
-        B = x.shape[0]
-        P = P.unsqueeze(0).expand(B, -1, -1)
-        mask = torch.ones(P.shape[:2], dtype=torch.bool, device=P.device)
-        _, query_in, keys, key_mask, _ = self._sequence(x, P, mask)
-        weights = self._weights(query_in, keys, key_mask).mean(dim=1)
-        return weights if self.image_conditioned else weights[:, 1:]
+        P = P.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.description_weights(x, P, torch.ones(P.shape[:2], dtype=torch.bool, device=P.device))
 
 
 class MeanAggregator(Aggregator):
@@ -151,20 +156,30 @@ class MeanAggregator(Aggregator):
 
 
 class MLPAggregator(Aggregator):
-    """p^a = normalize(α·f(p̄) + (1-α)·p̄) with f a 2-layer bottleneck MLP (no attention, no x)."""
+    """p^a = normalize(α·f(p̄) + (1-α)·p̄) with f a 2-layer bottleneck MLP (no attention, no x).
+
+    α is learnt, as in the paper, through a logit so that it stays in (0, 1); `alpha` is its start."""
 
     variant = "mlp"
 
     def __init__(self, dim: int, hidden: int = 32, alpha: float = 0.2) -> None:
         super().__init__()
-        self.alpha = alpha
+        if not 0 < alpha < 1:
+            raise ValueError(f"aggregator.mlp_alpha={alpha} must lie strictly between 0 and 1 (it is learnt through a logit)")
+        self.initial_alpha = alpha
+        self.alpha_logit = nn.Parameter(torch.logit(torch.tensor(float(alpha))))
         self.f = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
 
     def forward(self, x: torch.Tensor, P: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
             mask = torch.ones(P.shape[:2], dtype=torch.bool, device=P.device)
         mean = masked_mean(P, mask)
-        return F.normalize(self.alpha * self.f(mean) + (1 - self.alpha) * mean, dim=-1)
+        alpha = self.alpha
+        return F.normalize(alpha * self.f(mean) + (1 - alpha) * mean, dim=-1)
 
 
 class RandomAggregator(Aggregator):
@@ -217,7 +232,7 @@ def architecture_of(aggregator: Aggregator) -> dict[str, Any]:
     if isinstance(aggregator, AttentionAggregator):
         arch.update(dim=aggregator.dim, heads=aggregator.heads, ff_mult=aggregator.ff[0].out_features // aggregator.dim)
     elif isinstance(aggregator, MLPAggregator):
-        arch.update(dim=aggregator.f[0].in_features, mlp_hidden=aggregator.f[0].out_features, mlp_alpha=aggregator.alpha)
+        arch.update(dim=aggregator.f[0].in_features, mlp_hidden=aggregator.f[0].out_features, mlp_alpha=aggregator.initial_alpha)
     return arch
 
 

@@ -58,7 +58,7 @@ class SeedInputs:
 def read_classes(layout: Layout) -> dict[str, Any]:
     path = layout.classes_file
     try:
-        classes = read_classes_file(path, required=("classnames", "train_classes"))
+        classes = read_classes_file(path, required=("dataset", "classnames", "train_classes"))
         classes["train_classes"] = [int(c) for c in classes["train_classes"]]
         classes["classnames"] = list(classes["classnames"])
     except DataError as exc:

@@ -1,20 +1,28 @@
-"""The prompt generator h, the classifier head g and the model used at test time (METHOD.md 2.2-2.5).
+"""The prompt generator h, the classifier head g and the model used at test time (docs/method.md).
 
     h(x)       = W2·ReLU(W1·x + b1) + b2                      d -> hidden -> d (33k params at d=512)
-    w_i(x)     = g([w_i ; h(x)])                              g: R^2d -> R^d
+    w_i(x)     = w_i + g([w_i ; h(x)])    head_init "zeroshot" (default): g's output starts at zero
+    w_i(x)     = g([w_i ; h(x)])          head_init "random": the paper's literal form, random g
     logit_i(x) = logit_scale · cos(x, w_i(x))
+
+Why the residual default: a random g starts the classifier at chance and makes it learn a class map
+from the base classes only, and new classes collapse; with w_i + g and g's last layer at zero the
+untrained model IS zero-shot CLIP, and training can only add to CLIP's prior (as CoOp starts from a
+hand-written prompt). docs/method.md, "The classifier head", has the evidence.
 
 The fast head. g's first layer acts on the concatenation, so W·[w_i; h] = A·w_i + B·h with A, B the
 two halves of W: `A·w_i + b` is computed once per class ("class part"), `B·h(x)` once per image, and
-the per-(image, class) work is an add, a ReLU and a dot product:
-- `full` (g = ReLU(W·[w;h] + b)): z = ReLU(a_i + b_x) in R^d; logit ∝ x·z / |z|.
+the per-(image, class) work is an add, a ReLU and a few dot products:
+- `full` (g = γ·ReLU(W·[w;h] + b), γ a learnt gain; γ = 1 fixed in the literal form): z = ReLU(a_i + b_x).
 - `bottleneck` (g = V·ReLU(W·[w;h] + b) + c, hidden k): with r = ReLU(a_i + b_x) in R^k,
-  x·w = (Vᵀx)·r + x·c and |w|² = rᵀ(VᵀV)r + 2(Vᵀc)·r + |c|², so everything per pair stays k-wide.
+  x·(Vr + c) = (Vᵀx)·r + x·c and |Vr + c|² = rᵀ(VᵀV)r + 2(Vᵀc)·r + |c|², so everything per pair
+  stays k-wide; the residual adds x·w_i, 2·(Vᵀw_i)·r + 2·w_i·c and |w_i|², again k-wide per pair.
 No (batch × classes × 2d) tensor is ever built; `naive_logits` builds it, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +33,9 @@ from torch.nn import functional as F
 from aape.method.checkpoint import CheckpointError, load_weights, read_checkpoint, write_checkpoint
 
 HeadKind = Literal["bottleneck", "full"]
+HeadInit = Literal["zeroshot", "random"]
+HEAD_KINDS = ("bottleneck", "full")
+HEAD_INITS = ("zeroshot", "random")
 CHECKPOINT_STEM = "generator"
 _EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 
@@ -40,17 +51,34 @@ class PromptGenerator(nn.Module):
         return self.net(x)
 
 
+@dataclass
+class ClassPart:
+    """What the head needs of the classes, computed once per class set."""
+
+    pre: torch.Tensor  # [C, k] A·w_i + b
+    text: torch.Tensor  # [C, d] w_i (the residual adds it back)
+    text_expand: torch.Tensor | None  # [C, k] Vᵀw_i (residual bottleneck only)
+
+
 class ClassifierHead(nn.Module):
     """g([w; h]) in its naive and its fast form (same parameters, same values, same gradients)."""
 
-    def __init__(self, dim: int, kind: HeadKind = "bottleneck", hidden: int = 32) -> None:
+    def __init__(self, dim: int, kind: HeadKind = "bottleneck", hidden: int = 32, init: HeadInit = "zeroshot") -> None:
         super().__init__()
-        if kind not in ("bottleneck", "full"):
-            raise ValueError(f"generator.head '{kind}' is unknown; choose 'bottleneck' or 'full'")
-        self.dim, self.kind = dim, kind
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"generator.head '{kind}' is unknown; choose one of {', '.join(HEAD_KINDS)}")
+        if init not in HEAD_INITS:
+            raise ValueError(f"generator.head_init '{init}' is unknown; choose one of {', '.join(HEAD_INITS)}")
+        self.dim, self.kind, self.init = dim, kind, init
+        self.residual = init == "zeroshot"
         width = hidden if kind == "bottleneck" else dim
         self.mix = nn.Linear(2 * dim, width)  # acts on [w_i ; h(x)]
         self.expand = nn.Linear(hidden, dim) if kind == "bottleneck" else None
+        # The residual form starts g's output at exactly zero: the untrained model is zero-shot CLIP.
+        self.gain = nn.Parameter(torch.zeros(())) if self.residual and kind == "full" else None
+        if self.residual and self.expand is not None:
+            nn.init.zeros_(self.expand.weight)
+            nn.init.zeros_(self.expand.bias)
 
     # naive: literally g([w_i; h(x)]) for every pair ----------------------------------------------
     def naive(self, class_text: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
@@ -58,30 +86,45 @@ class ClassifierHead(nn.Module):
         B, C = prompt.shape[0], class_text.shape[0]
         pairs = torch.cat([class_text.unsqueeze(0).expand(B, C, -1), prompt.unsqueeze(1).expand(B, C, -1)], dim=-1)
         hidden = F.relu(self.mix(pairs))
-        return hidden if self.expand is None else self.expand(hidden)
+        out = hidden if self.expand is None else self.expand(hidden)
+        if not self.residual:
+            return out
+        if self.gain is not None:
+            out = self.gain * out
+        return class_text.unsqueeze(0) + out
 
     # fast: per-class and per-image parts ----------------------------------------------------------
-    def class_part(self, class_text: torch.Tensor) -> torch.Tensor:
-        """A·w_i + b for every class: [C, k]."""
-        return F.linear(class_text, self.mix.weight[:, : self.dim], self.mix.bias)
+    def class_part(self, class_text: torch.Tensor) -> ClassPart:
+        """A·w_i + b for every class ([C, k]), plus what the residual needs."""
+        pre = F.linear(class_text, self.mix.weight[:, : self.dim], self.mix.bias)
+        text_expand = class_text @ self.expand.weight if self.residual and self.expand is not None else None
+        return ClassPart(pre, class_text, text_expand)
 
     def image_part(self, prompt: torch.Tensor) -> torch.Tensor:
         """B·h(x) for every image: [B, k]."""
         return F.linear(prompt, self.mix.weight[:, self.dim :])
 
-    def cosine(self, x: torch.Tensor, class_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
-        """cos(x, g([w_i; h(x)])) for every pair, [B, C], from the two parts."""
-        act = torch.relu_(class_part.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, k], the only per-pair tensor
+    def cosine(self, x: torch.Tensor, part: ClassPart, image_part: torch.Tensor) -> torch.Tensor:
+        """cos(x, w_i(x)) for every pair, [B, C], from the two parts."""
+        act = torch.relu_(part.pre.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, k], the only per-pair tensor
         x_norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         if self.expand is None:
-            dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)
-            sq_norms = act.pow(2).sum(-1)
+            dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)  # x·z
+            sq_norms = act.pow(2).sum(-1)  # |z|²
+            if self.residual:  # w = t + γz: x·w = x·t + γ x·z, |w|² = |t|² + 2γ t·z + γ²|z|²
+                gain = self.gain
+                cross = (act * part.text.unsqueeze(0)).sum(-1)
+                dots = x @ part.text.T + gain * dots
+                sq_norms = part.text.pow(2).sum(-1) + 2 * gain * cross + gain * gain * sq_norms
         else:
             V, c = self.expand.weight, self.expand.bias  # [d, k], [d]
             dots = torch.bmm(act, (x @ V).unsqueeze(-1)).squeeze(-1) + (x @ c).unsqueeze(1)
             # |V r + c|² = r·(VᵀV r + 2Vᵀc) + |c|²
             quad = (act @ (V.T @ V)).add_(2 * (V.T @ c))
             sq_norms = (act * quad).sum(-1) + c @ c
+            if self.residual:  # w = t + Vr + c: add x·t and |t|² + 2(Vᵀt)·r + 2t·c
+                dots = dots + x @ part.text.T
+                sq_norms = sq_norms + (part.text.pow(2).sum(-1) + 2 * (part.text @ c)) + 2 * (act * part.text_expand).sum(-1)
         # |w| from the quadratic form can dip a hair below 0 by rounding: clamp before the root
         w_norm = sq_norms.clamp_min(_EPS**2).sqrt()
         return dots / (x_norm * w_norm)
@@ -102,18 +145,19 @@ class AAPEModel(nn.Module):
         head: HeadKind = "bottleneck",
         head_hidden: int = 32,
         logit_scale: float = 100.0,
+        head_init: HeadInit = "zeroshot",
     ) -> None:
         super().__init__()
         self.dim = dim
         self.generator = PromptGenerator(dim, hidden)
-        self.head = ClassifierHead(dim, head, head_hidden)
+        self.head = ClassifierHead(dim, head, head_hidden, head_init)
         self.logit_scale = float(logit_scale)
         self.meta: dict = {}  # filled by checkpoint loading: identity, classnames, config, ...
 
     @classmethod
     def from_config(cls, cfg, dim: int, logit_scale: float) -> "AAPEModel":
         """From a `GeneratorConfig`."""
-        return cls(dim, cfg.hidden, cfg.head, cfg.head_hidden, logit_scale)
+        return cls(dim, cfg.hidden, cfg.head, cfg.head_hidden, logit_scale, cfg.head_init)
 
     # checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: Path, meta: dict[str, Any]) -> list[Path]:
@@ -142,7 +186,8 @@ class AAPEModel(nn.Module):
         tensors, meta = read_checkpoint(directory, CHECKPOINT_STEM, expect_identity, expect_embed_dim)
         try:
             arch = meta["architecture"]
-            model = cls(arch["dim"], arch["hidden"], arch["head"], arch["head_hidden"] or 32, arch["logit_scale"])
+            # checkpoints written before head_init existed hold the literal, randomly initialised g
+            model = cls(arch["dim"], arch["hidden"], arch["head"], arch["head_hidden"] or 32, arch["logit_scale"], arch.get("head_init", "random"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{directory / (CHECKPOINT_STEM + '.json')} lacks a valid architecture ({exc}); retrain") from None
         load_weights(model, tensors, directory / f"{CHECKPOINT_STEM}.safetensors")
@@ -155,6 +200,7 @@ class AAPEModel(nn.Module):
             "hidden": self.generator.net[0].out_features,
             "head": self.head.kind,
             "head_hidden": self.head.mix.out_features if self.head.kind == "bottleneck" else None,
+            "head_init": self.head.init,
             "logit_scale": self.logit_scale,
         }
 
@@ -167,14 +213,14 @@ class AAPEModel(nn.Module):
         """h(x): the image's AAPE, a vector in the joint space."""
         return self.generator(x)
 
-    def class_part(self, class_text: torch.Tensor) -> torch.Tensor:
+    def class_part(self, class_text: torch.Tensor) -> ClassPart:
         self._check_dim(class_text, "class_text")
         return self.head.class_part(class_text)
 
-    def logits_from(self, x: torch.Tensor, class_part: torch.Tensor) -> torch.Tensor:
+    def logits_from(self, x: torch.Tensor, class_part: ClassPart) -> torch.Tensor:
         return self.logits_and_prompt(x, class_part)[0]
 
-    def logits_and_prompt(self, x: torch.Tensor, class_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_prompt(self, x: torch.Tensor, class_part: ClassPart) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and h(x) [B, d] (training needs both)."""
         self._check_dim(x, "image features")
         prompt = self.generator(x)

@@ -1,11 +1,16 @@
 """The two training problems on cached features, independent of files and stages.
 
 - `train_aggregator`: maximise the CLIP reward s·max(cos(x, p^a), 0) over the training images'
-  views; select the epoch on the validation reward. `compute_summaries` then gives p^a for every
-  training image and view.
+  views. `compute_summaries` then gives p^a for every training image and view.
 - `train_generator`: minimise λ·‖h(x) − p^a‖² + CE(logit_scale·cos(x, w_i(x)), y) with p^a fixed
-  (stop-gradient); select the epoch on validation accuracy. λ = 0 drops the first term entirely,
-  i.e. plain task training that never looks at p^a.
+  (stop-gradient). λ = 0 drops the first term entirely, i.e. plain task training that never looks
+  at p^a.
+Both keep the last epoch unless schedule.select is best-val (validation reward, validation accuracy),
+and both report diagnostics on the validation images (docs/method.md, "Diagnostics"):
+- aggregator: `attention_entropy` (entropy of the attention over a class's descriptions as a share
+  of its maximum log n: 1 = uniform, i.e. CuPL's mean) and `summary_shift` (mean ‖p^a − p̄‖);
+- generator: `val_distill` (‖h(x) − p^a‖² on held-out images) beside `val_distill_constant` (the
+  same for the best constant predictor, the mean training p^a) and their ratio `distill_ratio`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch.nn import functional as F
 from aape.config import ScheduleConfig
 from aape.logs import progress
 from aape.method.aggregator import Aggregator, clip_reward
-from aape.method.descriptions import DescriptionBank
+from aape.method.descriptions import DescriptionBank, masked_mean
 from aape.method.model import AAPEModel
 from aape.method.training import FitResult, fit
 from aape.tracking import Tracker
@@ -94,6 +99,34 @@ class RewardObjective:
         value = figures["val_reward"]
         return (value if value == value else 0.0,)  # NaN (no validation images): all tie, the last epoch wins
 
+    def diagnostics(self, model: Aggregator) -> dict[str, float]:
+        x, labels = self.data.val_features, self.data.val_labels
+        if len(x) == 0:
+            return {}
+        return summary_diagnostics(model, x, labels, self.bank)
+
+
+@torch.no_grad()
+def summary_diagnostics(model: Aggregator, x: torch.Tensor, labels: torch.Tensor, bank: DescriptionBank) -> dict[str, float]:
+    """Mean ‖p^a − p̄‖ and, for attention variants, the attention entropy as a share of its maximum."""
+    shift = entropy = 0.0
+    counted = 0
+    for part in _chunks(len(x)):
+        P, mask = bank.gather(labels[part])
+        summary = model(x[part], P, mask)
+        shift += float((summary - masked_mean(P, mask)).norm(dim=-1).sum())
+        if model.has_attention:
+            weights = model.description_weights(x[part], P, mask)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # literal: drop the token's share
+            plogp = torch.where(weights > 0, weights * weights.clamp_min(1e-12).log(), torch.zeros_like(weights))
+            n = mask.sum(-1).clamp_min(2).to(x.dtype)
+            entropy += float((-plogp.sum(-1) / n.log()).sum())
+        counted += len(x[part])
+    figures = {"summary_shift": shift / counted}
+    if model.has_attention:
+        figures["attention_entropy"] = entropy / counted
+    return figures
+
 
 def train_aggregator(
     aggregator: Aggregator,
@@ -107,7 +140,7 @@ def train_aggregator(
     fingerprint: str = "",
     tracker: Tracker | None = None,
 ) -> FitResult:
-    """Train with the CLIP reward; the aggregator ends holding its best-validation weights."""
+    """Train with the CLIP reward; the aggregator ends holding the kept weights (schedule.select)."""
     result = fit(
         aggregator,
         RewardObjective(data, bank, reward_scale),
@@ -130,21 +163,35 @@ def compute_summaries(
     aggregator: Aggregator, views: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, bank: DescriptionBank
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """p^a for every training image and view [N, V, d], and for the clean view [N, d]."""
-    aggregator.eval()
     N, V, d = views.shape
     flat_x = torch.cat([views.reshape(N * V, d), clean])
     flat_labels = torch.cat([labels.repeat_interleave(V), labels])
-    out = torch.empty_like(flat_x)
-    for part in progress(_chunks(len(flat_x)), desc="summaries", unit="chunk"):
-        out[part] = aggregator.summarize(flat_x[part], bank, flat_labels[part])
+    out = summarize_images(aggregator, flat_x, flat_labels, bank)
     return out[: N * V].reshape(N, V, d), out[N * V :]
+
+
+@torch.no_grad()
+def summarize_images(aggregator: Aggregator, x: torch.Tensor, labels: torch.Tensor, bank: DescriptionBank) -> torch.Tensor:
+    """p^a [M, d] of images x [M, d] of local classes `labels`, in chunks."""
+    aggregator.eval()
+    out = torch.empty_like(x)
+    for part in progress(_chunks(len(x)), desc="summaries", unit="chunk"):
+        out[part] = aggregator.summarize(x[part], bank, labels[part])
+    return out
 
 
 # generator -------------------------------------------------------------------------------------
 
 
 class DistillObjective:
-    def __init__(self, data: TrainingSet, class_text: torch.Tensor, summaries: torch.Tensor | None, lambda_distill: float) -> None:
+    def __init__(
+        self,
+        data: TrainingSet,
+        class_text: torch.Tensor,
+        summaries: torch.Tensor | None,
+        lambda_distill: float,
+        val_summaries: torch.Tensor | None = None,
+    ) -> None:
         if lambda_distill > 0 and summaries is None:
             raise ValueError("generator.lambda_distill > 0 needs the aggregator's summaries; run `aape train-aggregator` first")
         if summaries is not None and summaries.shape != data.views.shape:
@@ -152,7 +199,15 @@ class DistillObjective:
                 f"summaries have shape {tuple(summaries.shape)} but the training views {tuple(data.views.shape)}: "
                 f"they come from different feature runs. Re-run `aape train-aggregator`."
             )
+        if val_summaries is not None and val_summaries.shape != data.val_features.shape:
+            raise ValueError(
+                f"validation summaries have shape {tuple(val_summaries.shape)} but the validation features "
+                f"{tuple(data.val_features.shape)}: re-run `aape train-aggregator`."
+            )
         self.data, self.class_text, self.summaries, self.lam = data, class_text, summaries, lambda_distill
+        self.val_summaries = val_summaries
+        # the best constant predictor of p^a under squared error: the mean training summary
+        self.constant = summaries.reshape(-1, summaries.shape[-1]).mean(0) if summaries is not None else None
 
     def loss(self, model: AAPEModel, items: torch.Tensor, views: torch.Tensor):
         items, views = items.to(self.data.views.device), views.to(self.data.views.device)
@@ -186,6 +241,19 @@ class DistillObjective:
             return (0.0, 0.0)
         return (acc, -loss)
 
+    def diagnostics(self, model: AAPEModel) -> dict[str, float]:
+        if self.val_summaries is None or self.constant is None or len(self.val_summaries) == 0:
+            return {}
+        return distill_diagnostics(model, self.data.val_features, self.val_summaries, self.constant)
+
+
+@torch.no_grad()
+def distill_diagnostics(model: AAPEModel, x: torch.Tensor, targets: torch.Tensor, constant: torch.Tensor) -> dict[str, float]:
+    """‖h(x) − p^a‖² on held-out images beside the best constant predictor's (its ratio: < 1 learns)."""
+    distance = float((model.prompt_embedding(x) - targets).pow(2).sum(-1).mean())
+    baseline = float((targets - constant).pow(2).sum(-1).mean())
+    return {"val_distill": distance, "val_distill_constant": baseline, "distill_ratio": distance / max(baseline, 1e-12)}
+
 
 def train_generator(
     model: AAPEModel,
@@ -200,11 +268,12 @@ def train_generator(
     fingerprint: str = "",
     tracker: Tracker | None = None,
     name: str = "generator",
+    val_summaries: torch.Tensor | None = None,
 ) -> FitResult:
-    """Train h and g; the model ends holding its best-validation weights."""
+    """Train h and g; the model ends holding the kept weights (schedule.select)."""
     result = fit(
         model,
-        DistillObjective(data, class_text, summaries, lambda_distill),
+        DistillObjective(data, class_text, summaries, lambda_distill, val_summaries),
         n_items=data.num_items,
         n_views=data.num_views,
         schedule=schedule,

@@ -1,6 +1,6 @@
-"""CoOp's optimisation schedule (METHOD.md section 4), as a pure function of the epoch.
+"""CoOp's optimisation schedule (docs/method.md, "Protocols"), as a pure function of the epoch.
 
-SGD (lr 0.002, momentum 0.9, weight decay 5e-4), `warmup_epochs` at the constant `warmup_lr`, then
+The optimiser comes from a preset (aape/config.py OPTIMISER_PRESETS: CoOp's SGD 0.002 as `coop`); `warmup_epochs` at the constant `warmup_lr`, then
 cosine decay over `epochs` epochs, the learning rate fixed within an epoch. This is Dassl's
 ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs): the cosine starts counting when the
 warm-up ends. Being a function of the epoch number, it resumes exactly after an interruption.

@@ -1,4 +1,5 @@
-"""Synthetic embeddings with a known structure, for behavioural tests and benchmarks (no CLIP needed).
+"""A small synthetic world with a known structure, for unit tests of the method (no CLIP needed). The
+CLIP-like world of the proxy benchmark, with the modality gap and calibrated presets, is aape.synthetic.
 
 Each class c has a unit centroid μ_c. Images and class texts are μ_c plus Gaussian noise,
 re-normalised. Each class has `relevant` descriptions near μ_c and `irrelevant` ones pointing in

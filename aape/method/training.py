@@ -1,5 +1,7 @@
-"""The epoch loop both training stages share: CoOp schedule, seeded draws, validation-based selection,
-resumable after an interruption, and a clear stop on a non-finite loss.
+"""The epoch loop both training stages share: CoOp schedule, seeded draws, the last epoch kept (or
+the best on validation, `schedule.select`), resumable after an interruption, and a clear stop on a
+non-finite loss. Validation figures and diagnostics are recorded before the first step (`initial`,
+MLflow step 0) and after every epoch (`history`).
 
 Every random choice of an epoch (the order of the items and which cached augmented view each item
 uses) comes from a generator seeded with (seed, epoch), so an epoch is the same whether the run
@@ -47,15 +49,20 @@ class Objective(Protocol):
         """Larger is better: the best epoch maximises this on validation figures (ties: the later)."""
         ...
 
+    def diagnostics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Figures that tell whether training does what the method needs (docs/method.md, "Diagnostics")."""
+        ...
+
 
 @dataclass
 class FitResult:
     history: list[dict[str, Any]]
-    best_epoch: int  # 1-based
+    best_epoch: int  # 1-based: the epoch whose weights were kept (the last one unless select is best-val)
     best_figures: dict[str, float]
     best_state: dict[str, torch.Tensor] = field(repr=False)
     resumed_from: int = 0  # epochs already done when this call started
     seconds: float = 0.0
+    initial: dict[str, Any] = field(default_factory=dict)  # validation figures and diagnostics before the first step
 
 
 def epoch_draw(seed: int, epoch: int, n_items: int, n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +99,10 @@ def fit(
     fingerprint: str = "",
     tracker: Tracker | None = None,
 ) -> FitResult:
-    """Train `model` on `objective` for `epochs` epochs; return the history and the best weights.
+    """Train `model` on `objective` for `epochs` epochs; return the history and the kept weights.
+
+    `schedule.select`: "last" keeps the last epoch (CoOp/Dassl), "best-val" the epoch with the best
+    `objective.selection_key` on validation (ties go to the later epoch).
 
     With `resume_path`, the state after every epoch is saved there atomically, and a run that finds
     a state with the same `fingerprint` continues after its last completed epoch.
@@ -102,16 +112,21 @@ def fit(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "key": None, "figures": {}, "state": _state_copy(model)}
     start_epoch = 0
+    initial: dict[str, Any] | None = None
     if resume_path is not None:
         state = load_resume_state(resume_path, fingerprint, RESUME_FORMAT)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             history, start_epoch = state["history"], int(state["epochs_done"])
+            initial = state.get("initial")
             best = {**state["best"], "key": tuple(state["best"]["key"]) if state["best"]["key"] is not None else None}
             log.info("%s: resuming after epoch %d of %d from %s", name, start_epoch, epochs, resume_path)
     started = time.perf_counter()
     report_every = max(1, epochs // 20)
+    if start_epoch == 0 or initial is None:
+        initial = _initial_record(model, objective, tracker)
+        log.info("%s before training: %s", name, _describe(initial))
     for epoch in range(start_epoch, epochs):
         epoch_start = time.perf_counter()
         lr = lr_at(epoch, schedule, epochs)
@@ -140,13 +155,15 @@ def fit(
         model.eval()
         with torch.no_grad():
             val = objective.validate(model)
+            diagnostics = objective.diagnostics(model)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
         record.update(val)
+        record.update(diagnostics)
         record["seconds"] = time.perf_counter() - epoch_start
         history.append(record)
         tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch" and _is_number(v)}, step=epoch + 1)
-        key = objective.selection_key(val)
+        key = objective.selection_key(val) if schedule.select == "best-val" else (float(epoch),)
         if best["key"] is None or key >= best["key"]:  # exact ties go to the later, more trained epoch
             best = {"epoch": epoch + 1, "key": key, "figures": dict(val), "state": _state_copy(model)}
         if epoch + 1 in (1, epochs) or (epoch + 1) % report_every == 0:
@@ -161,10 +178,20 @@ def fit(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "history": history,
+                    "initial": initial,
                     "best": {**best, "key": list(best["key"])},
                 },
             )
-    return FitResult(history, best["epoch"], best["figures"], best["state"], start_epoch, time.perf_counter() - started)
+    return FitResult(history, best["epoch"], best["figures"], best["state"], start_epoch, time.perf_counter() - started, initial)
+
+
+def _initial_record(model: torch.nn.Module, objective: Objective, tracker: Tracker) -> dict[str, Any]:
+    """Validation figures and diagnostics of the untrained model (epoch 0, logged at step 0)."""
+    model.eval()
+    with torch.no_grad():
+        record: dict[str, Any] = {"epoch": 0, **objective.validate(model), **objective.diagnostics(model)}
+    tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch" and _is_number(v)}, step=0)
+    return record
 
 
 def _is_number(v: Any) -> bool:

@@ -1,10 +1,12 @@
 """Stage `distill-generator`: train the prompt generator h and the head g on cached features with
-λ·‖h(x) − p^a‖² + cross-entropy, the aggregator's summaries p^a fixed (METHOD.md section 2.2-2.4).
+λ·‖h(x) − p^a‖² + cross-entropy, the aggregator's summaries p^a fixed (docs/method.md, "Components").
 
 Per seed, into generator/seed{S}/: generator.safetensors + generator.json, history.json. When
 `aape-nodistill` is among evaluation.methods, the same model trained with λ = 0 (plain task
-training, same seed and schedule) goes to generator/seed{S}/nodistill/. The epoch kept is the one
-with the best validation accuracy (validation split only, never test).
+training, same seed and schedule) goes to generator/seed{S}/nodistill/. The last epoch is kept
+unless generator.schedule.select is best-val (validation accuracy; never test data). history.json
+holds per-epoch figures and diagnostics, and `initial`: the untrained model's (with the default
+head_init that is zero-shot CLIP's validation accuracy).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
     cfg = params.generator
     out = layout.seed_dir(layout.generator, seed)
     inputs = load_seed_inputs(layout, seed, classes)
-    summaries = _load_summaries(layout, seed, inputs, required=cfg.lambda_distill > 0)
+    summaries, val_summaries = _load_summaries(layout, seed, inputs, required=cfg.lambda_distill > 0)
     runs = {"aape": (out, cfg.lambda_distill, summaries)}
     if NODISTILL_METHOD in params.evaluation.methods:
         runs[NODISTILL_METHOD] = (out / "nodistill", 0.0, summaries)
@@ -67,7 +69,7 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
         if inputs.bundle.random_init:
             tags["random_init"] = "true"
         with tracker.child(f"{variant}/seed{seed}", tags=tags) as child:
-            results[variant] = _train_one(params, inputs, seed, directory, lam, targets, child, outputs, variant)
+            results[variant] = _train_one(params, inputs, seed, directory, lam, targets, val_summaries, child, outputs, variant, classes["dataset"])
     return results
 
 
@@ -78,9 +80,11 @@ def _train_one(
     directory: Path,
     lam: float,
     summaries: torch.Tensor | None,
+    val_summaries: torch.Tensor | None,
     tracker: Tracker,
     outputs: list,
     variant: str,
+    dataset: str,
 ) -> dict[str, Any]:
     cfg = params.generator
     device = resolve_device(params.run.device)
@@ -88,7 +92,7 @@ def _train_one(
     with seeded(seed):
         model = AAPEModel.from_config(cfg, bundle.embed_dim, bundle.logit_scale)
     counts = model.parameter_counts()
-    epochs = cfg.schedule.resolved_epochs(params.data.shots, params.data.dataset)
+    epochs = cfg.schedule.resolved_epochs(params.data.shots, dataset)
     log.info(
         "seed %d, %s (λ=%g): h has %d parameters, g (%s) %d, total %d; %d images x %d views, %d classes, %d epochs",
         seed, variant, lam, counts["h"], cfg.head, counts["g"], counts["total"],
@@ -111,6 +115,7 @@ def _train_one(
         fingerprint=fingerprint,
         tracker=tracker,
         name=f"{variant} seed{seed}",
+        val_summaries=val_summaries.to(device) if val_summaries is not None else None,
     )
     seconds = [r["seconds"] for r in result.history]
     meta = {
@@ -133,11 +138,15 @@ def _train_one(
     history_path = directory / "history.json"
     atomic_write_json(
         history_path,
-        {**{k: meta[k] for k in ("method", "seed", "lambda_distill", "random_init", "epochs", "best_epoch")}, "best": result.best_figures, "history": result.history},
+        {**{k: meta[k] for k in ("method", "seed", "lambda_distill", "random_init", "epochs", "best_epoch")}, "select": cfg.schedule.select,
+         "initial": result.initial, "best": result.best_figures, "history": result.history},  # fmt: skip
     )
     remove_quietly(resume)
     outputs.extend([*paths, history_path])
-    log.info("seed %d, %s: best epoch %d, validation accuracy %.4f", seed, variant, result.best_epoch, meta["best_val_accuracy"])
+    log.info(
+        "seed %d, %s: kept epoch %d (%s), validation accuracy %.4f (untrained %.4f)", seed, variant, result.best_epoch,
+        cfg.schedule.select, meta["best_val_accuracy"], result.initial.get("val_accuracy", float("nan")),
+    )  # fmt: skip
     return {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": meta["best_val_accuracy"],
@@ -146,13 +155,14 @@ def _train_one(
     }
 
 
-def _load_summaries(layout: Layout, seed: int, inputs: SeedInputs, required: bool) -> torch.Tensor | None:
-    """p^a [N, V, d] of this seed's training views, checked against the features in use."""
+def _load_summaries(layout: Layout, seed: int, inputs: SeedInputs, required: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """p^a [N, V, d] of this seed's training views and [Nv, d] of its validation images (None when the
+    file predates them), checked against the features in use."""
     path = layout.seed_dir(layout.aggregator, seed) / "summaries.safetensors"
     if not path.is_file():
         if required:
             raise StageInputError(f"{path} is missing: run `aape train-aggregator` before `aape distill-generator`")
-        return None
+        return None, None
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
@@ -172,7 +182,10 @@ def _load_summaries(layout: Layout, seed: int, inputs: SeedInputs, required: boo
             f"shape {None if summaries is None else tuple(summaries.shape)} vs {tuple(inputs.data.views.shape)}): "
             f"re-run `aape train-aggregator`."
         )
-    return summaries
+    val = tensors.get("val")
+    if val is not None and val.shape != inputs.data.val_features.shape:
+        raise StageInputError(f"{path} holds validation summaries of another validation set: re-run `aape train-aggregator`.")
+    return summaries, val
 
 
 def _summary_digest(summaries: torch.Tensor | None) -> float | None:

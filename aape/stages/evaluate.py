@@ -15,7 +15,7 @@ from typing import Any
 
 from aape.backbone import RANDOM_INIT_NOTICE
 from aape.config import Params
-from aape.evaluation.classifiers import EvaluationError
+from aape.evaluation.classifiers import CSearch, EvaluationError, LinearProbe
 from aape.evaluation.outputs import (
     attention_figure,
     confusion_figures,
@@ -39,6 +39,7 @@ from aape.evaluation.results import (
 )
 from aape.evaluation.transfer import load_transfer_targets
 from aape.features import FeatureBundle, load_bundle
+from aape.features.baseline_templates import baseline_templates
 from aape.atomic import atomic_write_json, atomic_write_text
 from aape.layout import Layout
 from aape.logs import progress, stage
@@ -62,18 +63,22 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         _check_models_exist(layout, methods, params.run.seeds)
         first = load_bundle(layout, params.run.seeds[0])
         _check_bundle(first, info)
+        _check_baseline_templates(first, params, methods)
         if first.random_init:
             log.warning("%s: every figure of this evaluation is meaningless about CLIP and AAPE", RANDOM_INIT_NOTICE)
         targets = load_transfer_targets(params, layout, info, first)
         outcomes: list[SetOutcome] = []
+        probes: dict[int, LinearProbe] = {}
         for seed in progress(params.run.seeds, desc="evaluate seeds", unit="seed"):
             bundle = first if seed == first.seed else load_bundle(layout, seed)
             _check_bundle(bundle, info)
             classifiers = build_classifiers(methods, bundle, info, layout, params)
+            if isinstance(classifiers.get("linear-probe"), LinearProbe):
+                probes[seed] = classifiers["linear-probe"]  # type: ignore[assignment]
             seed_outcomes = evaluate_seed(classifiers, bundle, info, targets, params.evaluation.batch_size)
-            _log_children(tracker, seed_outcomes, info, bundle)
+            _log_children(tracker, seed_outcomes, info, bundle, _baseline_tags(bundle, probes.get(seed)))
             outcomes.extend(seed_outcomes)
-        written = _write_outputs(params, layout, info, first, methods, outcomes, extra_results, targets)
+        written = _write_outputs(params, layout, info, first, methods, outcomes, extra_results, targets, probes)
         summary["outputs"].extend(str(p) for p in written["files"])
         metrics = written["metrics"]
         tracker.set_tags({"random_init": str(first.random_init).lower(), "backbone": first.identity})
@@ -107,6 +112,63 @@ def _check_bundle(bundle: FeatureBundle, info: ClassesInfo) -> None:
         )
 
 
+def _check_baseline_templates(bundle: FeatureBundle, params: Params, methods: list[str]) -> None:
+    """The zero-shot baselines' features must be those of the templates params.yaml asks for now."""
+    if not {"zeroshot", "zeroshot-ensemble"} & set(methods):
+        return
+    bundle.zeroshot_prompts  # noqa: B018 (raises, saying to re-extract, for text files of older versions)
+    wanted = baseline_templates(params.features, params.data.dataset).metadata()
+    for key, setting in (("zeroshot_template", "features.zeroshot_template"), ("ensemble_templates", "features.ensemble_templates")):
+        recorded = bundle.text_meta.get(key)
+        if recorded is not None and recorded != wanted[key]:
+            raise EvaluationError(
+                f"features/text.safetensors holds the baselines' {key} {_short(recorded)}, but {setting} with "
+                f"data.dataset={params.data.dataset!r} gives {_short(wanted[key])}: the features are stale. "
+                f"Re-run `aape extract-features`."
+            )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{', '.join(map(repr, value[:3]))}, ... ({len(value)} templates)]"
+    return repr(value)
+
+
+def _baseline_metrics(bundle: FeatureBundle, methods: list[str], probes: dict[int, LinearProbe]) -> dict[str, Any]:
+    """metrics.json's record of how the baselines were built: the templates and each seed's probe C."""
+    meta, recorded = bundle.text_meta, {}
+    if "zeroshot" in methods:
+        recorded["baselines/zeroshot/template"] = meta.get("zeroshot_template")
+    if "zeroshot-ensemble" in methods:
+        recorded["baselines/zeroshot-ensemble/templates"] = meta.get("ensemble_templates_source")
+    for seed, probe in probes.items():
+        recorded[f"baselines/linear-probe/seed{seed}/C"] = float(probe.regularisation_c)
+        recorded[f"baselines/linear-probe/seed{seed}/fits"] = probe.fits
+    return recorded
+
+
+def _baseline_lines(bundle: FeatureBundle, probes: dict[int, LinearProbe], methods: list[str], info: ClassesInfo,
+                    targets: list[TransferTarget], params: Params) -> list[str]:
+    """What the report says about how each baseline was built (templates, the probe's C)."""
+    meta, lines = bundle.text_meta, []
+    if "zeroshot" in methods:
+        lines.append(f"CLIP zero-shot on {info.dataset}: template {meta.get('zeroshot_template')!r} "
+                     f"({meta.get('zeroshot_template_source', 'source not recorded')}).")
+    if "zeroshot-ensemble" in methods:
+        lines.append(f"CLIP zero-shot, template ensemble on {info.dataset}: "
+                     f"{meta.get('ensemble_templates_source', 'source not recorded')}.")
+    for target in targets:
+        if target.templates is not None:
+            lines.append(f"Zero-shot baselines on {target.name} (cross-dataset): template {target.templates.zeroshot!r} "
+                         f"({target.templates.zeroshot_source}); ensemble {target.templates.ensemble_source}.")
+    if "linear-probe" in methods:
+        search = CSearch.from_config(params.evaluation)
+        chosen = [f"seed {seed}: C={probe.regularisation_c:.4g} ({probe.fits} fits)" for seed, probe in probes.items()]
+        lines.append(f"Linear probe: C chosen on validation by accuracy, then cross-entropy ({search.describe()}); "
+                     + "; ".join(chosen) + ".")
+    return lines
+
+
 def _backbone_names(identity: str) -> tuple[str, str]:
     """'ViT-B-16@tag:openai' -> ('ViT-B-16', 'openai'): what the features were really computed with."""
     model, _, weights = identity.partition("@")
@@ -118,13 +180,28 @@ def _child_name(outcome: SetOutcome, info: ClassesInfo) -> str:
     return base if outcome.scope == info.protocol else f"{outcome.scope}:{outcome.dataset}/{base}"
 
 
-def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInfo, bundle: FeatureBundle) -> None:
+def _baseline_tags(bundle: FeatureBundle, probe: LinearProbe | None) -> dict[str, dict[str, str]]:
+    """Per method, the tracker tags saying how its baseline was built on the training dataset."""
+    meta = bundle.text_meta
+    tags = {
+        "zeroshot": {"template": str(meta.get("zeroshot_template")), "template_source": str(meta.get("zeroshot_template_source"))},
+        "zeroshot-ensemble": {"templates_source": str(meta.get("ensemble_templates_source"))},
+    }
+    if probe is not None:
+        tags["linear-probe"] = {"C": f"{probe.regularisation_c:.6g}", "fits": str(probe.fits)}
+    return tags
+
+
+def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInfo, bundle: FeatureBundle,
+                  method_tags: dict[str, dict[str, str]] | None = None) -> None:
     groups: dict[tuple[str, str, str], list[SetOutcome]] = {}
     for outcome in outcomes:
         groups.setdefault((outcome.scope, outcome.dataset, outcome.method), []).append(outcome)
     for (scope, dataset, method), group in groups.items():
         tags = {"method": method, "seed": str(bundle.seed), "scope": scope, "dataset": dataset,
                 "train_dataset": info.dataset, "random_init": str(bundle.random_init).lower()}
+        if scope == info.protocol:
+            tags.update((method_tags or {}).get(method, {}))
         with tracker.child(_child_name(group[0], info), tags=tags) as child:
             child.log_metrics(seed_metrics(group))
             notes = sorted({o.note for o in group if o.note})
@@ -133,7 +210,8 @@ def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInf
 
 
 def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: FeatureBundle, methods: list[str],
-                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list[TransferTarget]) -> dict[str, Any]:
+                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list[TransferTarget],
+                   probes: dict[int, LinearProbe]) -> dict[str, Any]:
     out = layout.eval
     plots_dir = out / "plots"
     shutil.rmtree(plots_dir, ignore_errors=True)  # figures of an earlier run must not linger beside these
@@ -142,7 +220,8 @@ def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: Fe
                             random_init=bundle.random_init)
     per_class = per_class_frame(outcomes)
     summary = summarise(results)
-    metrics: dict[str, Any] = {**flat_metrics(summary), "random_init": bundle.random_init}
+    metrics: dict[str, Any] = {**flat_metrics(summary), "random_init": bundle.random_init,
+                               **_baseline_metrics(bundle, methods, probes)}
     files = [write_parquet(results, out / "results.parquet"), write_parquet(per_class, out / "per_class.parquet")]
     atomic_write_json(layout.metrics, metrics)
     files.append(layout.metrics)
@@ -173,6 +252,7 @@ def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: Fe
         dataset=info.dataset, protocol=info.protocol, shots=info.shots or params.data.shots, seeds=list(params.run.seeds),
         backbone_model=model_name, pretrained=weights, identity=bundle.identity,
         random_init=bundle.random_init, methods=methods, summary=summary, notes=notes_by_method(outcomes),
+        baselines=_baseline_lines(bundle, probes, methods, info, targets, params),
         set_sizes=set_sizes, plots=[(caption, str(Path(p).relative_to(out))) for caption, p in figures], remarks=remarks,
     )
     report = out / "report.md"

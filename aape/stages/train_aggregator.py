@@ -1,9 +1,11 @@
 """Stage `train-aggregator`: train the prompt aggregator with the CLIP reward on cached features and
-write p^a for every training image and view (METHOD.md section 2.1).
+write p^a for every training image and view (docs/method.md, "Components").
 
 Per seed, into aggregator/seed{S}/: aggregator.safetensors + aggregator.json, summaries.safetensors
-(`summaries` [N, V, d], `clean` [N, d], `labels` [N] global), history.json. The epoch kept is the
-one with the best validation reward (validation split only, never test).
+(`summaries` [N, V, d], `clean` [N, d], `labels` [N] global, `val` [Nv, d] for the validation
+images, which the generator stage uses to measure distillation on held-out images), history.json
+(per-epoch figures and diagnostics, plus `initial`: the untrained aggregator's). The last epoch is
+kept unless aggregator.schedule.select is best-val (validation reward; never test data).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aape.method.aggregator import aggregator_from_config, save_aggregator
 from aape.atomic import atomic_write_json
 from aape.method.checkpoint import atomic_save_tensors
 from aape.method.inputs import description_bank, load_seed_inputs, read_classes, remove_quietly
-from aape.method.objectives import RewardObjective, compute_summaries, seeded, train_aggregator
+from aape.method.objectives import RewardObjective, compute_summaries, seeded, summarize_images, train_aggregator
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
     with seeded(seed):
         aggregator = aggregator_from_config(cfg, inputs.bundle.embed_dim, seed)
     n_params = sum(p.numel() for p in aggregator.parameters())
-    epochs = cfg.schedule.resolved_epochs(params.data.shots, params.data.dataset)
+    epochs = cfg.schedule.resolved_epochs(params.data.shots, classes["dataset"])
     log.info(
         "seed %d: aggregator '%s' (%d parameters) on %d images x %d views, %d classes, %d-%d descriptions per class",
         seed, cfg.variant, n_params, inputs.data.num_items, inputs.data.num_views, len(bank),
@@ -74,14 +76,16 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
         result = train_aggregator(
             aggregator, data, bank_dev, cfg.schedule, epochs, seed, cfg.reward_scale, resume, fingerprint, tracker
         )
-        history, best_epoch, best = result.history, result.best_epoch, result.best_figures
+        history, best_epoch, best, initial = result.history, result.best_epoch, result.best_figures, result.initial
         _warn_if_no_signal(history, facts["random_init"])
-    else:  # mean / random: nothing to learn, but report the same validation figure
+    else:  # mean / random: nothing to learn, but report the same validation figures
         log.info("aggregator '%s' has no parameters: no training", cfg.variant)
         history, best_epoch = [], 0
-        best = RewardObjective(data, bank_dev, cfg.reward_scale).validate(aggregator)
-        tracker.log_metrics(best, step=0)
+        objective = RewardObjective(data, bank_dev, cfg.reward_scale)
+        best = initial = {**objective.validate(aggregator), **objective.diagnostics(aggregator)}
+        tracker.log_metrics({k: v for k, v in best.items() if v == v}, step=0)
     summaries, clean = compute_summaries(aggregator, data.views, inputs.clean.to(device), data.labels, bank_dev)
+    val_summaries = summarize_images(aggregator, data.val_features, data.val_labels, bank_dev)
     meta = {
         **facts,
         "seed": seed,
@@ -98,14 +102,19 @@ def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracke
     summaries_path = out / "summaries.safetensors"
     atomic_save_tensors(
         summaries_path,
-        {"summaries": summaries, "clean": clean, "labels": inputs.bundle.train_labels, "rows": inputs.bundle.train_rows},
+        {"summaries": summaries, "clean": clean, "labels": inputs.bundle.train_labels, "rows": inputs.bundle.train_rows}
+        | ({"val": val_summaries} if len(val_summaries) else {}),
         {k: meta[k] for k in ("backbone_identity", "random_init", "embed_dim", "seed", "variant")},
     )
     history_path = out / "history.json"
-    atomic_write_json(history_path, {**{k: meta[k] for k in ("seed", "variant", "random_init", "epochs", "best_epoch")}, "best": best, "history": history})
+    atomic_write_json(
+        history_path,
+        {**{k: meta[k] for k in ("seed", "variant", "random_init", "epochs", "best_epoch")}, "select": cfg.schedule.select,
+         "initial": initial, "best": best, "history": history},
+    )  # fmt: skip
     remove_quietly(resume)
     outputs.extend([*paths, summaries_path, history_path])
-    log.info("seed %d: best epoch %d, validation reward %.4f", seed, best_epoch, best["val_reward"])
+    log.info("seed %d: kept epoch %d (%s), validation reward %.4f", seed, best_epoch, cfg.schedule.select, best["val_reward"])
     return {"best_epoch": best_epoch, "best_val_reward": best["val_reward"], "params": n_params, "random_init": facts["random_init"]}
 
 
