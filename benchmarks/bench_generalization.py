@@ -18,6 +18,8 @@ Exits 1 when any target fails. `--markdown` writes the tables for the README and
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -55,7 +57,11 @@ def _method_order(variants: tuple[str, ...]) -> list[str]:
 
 def preset_report(name: str, results: list[WorldResult], variants: tuple[str, ...]) -> tuple[list[str], bool]:
     rows = mean_rows(results)
-    spread = {m: statistics.pstdev([r.rows[m].H for r in results]) if len(results) > 1 else 0.0 for m in rows}
+    def std(values: list[float]) -> float:
+        finite = [v for v in values if v == v]
+        return statistics.pstdev(finite) if len(finite) > 1 else float("nan")
+
+    spread = {m: std([r.rows[m].H for r in results]) for m in rows}
     lines = [f"### {name}: {PRESETS[name].summary}", "", f"seeds {', '.join(str(r.seed) for r in results)}; mean of seeds", ""]
     lines += ["| method | base | new | H | H std | diagnostics |", "|---|---|---|---|---|---|"]
     for method in _method_order(variants):
@@ -102,6 +108,9 @@ def main() -> int:
     jobs = sorted(((n, s, variants_of[n], args.epochs) for n in presets for s in seeds), key=lambda j: -preset(j[0]).base_classes)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         results = pool.map(_job, jobs, chunksize=1)
+    raw = Path(args.markdown or "bench_generalization.md").with_suffix(".json")
+    raw.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))  # before any reporting can fail
+    print(f"raw results in {raw}")
     out = [f"*{SYNTHETIC_NOTICE}.*", ""]
     all_passed = True
     for name in presets:
