@@ -16,8 +16,17 @@ from typing import Callable, Sequence
 import torch
 
 from aape.config import AggregatorConfig, GeneratorConfig
-from aape.evaluation.classifiers import CSearch, cupl_class_embeddings, train_linear_probe
-from aape.evaluation.metrics import harmonic_mean
+from aape.evaluation.classifiers import (
+    Classifier,
+    CSearch,
+    ModelClassifier,
+    TextClassifier,
+    cupl_class_embeddings,
+    predict_in_batches,
+    train_linear_probe,
+    zeroshot,
+)
+from aape.evaluation.metrics import accuracy, harmonic_mean
 from aape.method.aggregator import VARIANTS, AttentionAggregator, aggregator_from_config
 from aape.method.model import AAPEModel
 from aape.method.objectives import (
@@ -60,30 +69,14 @@ class WorldResult:
     seconds: float
 
 
-def accuracy(logits_fn: Callable[[torch.Tensor, list[int]], torch.Tensor], features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> float:
-    local = to_local(labels, classes)
-    correct = 0
-    for start in range(0, len(features), 1024):
-        part = slice(start, start + 1024)
-        correct += int((logits_fn(features[part], classes).argmax(-1) == local[part]).sum())
-    return 100.0 * correct / max(len(features), 1)
+def _accuracy_on(classifier: Classifier, images, classes: list[int]) -> float:
+    """Top-1 accuracy among `classes`, scored as the evaluation stage scores (same classifiers, batches)."""
+    predictions = predict_in_batches(classifier, images.features, classes, batch_size=1024)
+    return accuracy(predictions, to_local(images.labels, classes))
 
 
-def _text_scores(weights: torch.Tensor, scale: float):
-    return lambda x, classes: scale * x @ weights[classes].T
-
-
-def _model_scores(model: AAPEModel, class_text: torch.Tensor):
-    def scores(x: torch.Tensor, classes: list[int]) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.logits(x, class_text[classes])
-
-    return scores
-
-
-def _base_new(world: ProxyWorld, scores) -> tuple[float, float]:
-    tb, tn = world.test_base, world.test_new
-    return accuracy(scores, tb.features, tb.labels, world.base), accuracy(scores, tn.features, tn.labels, world.new)
+def _base_new(world: ProxyWorld, classifier: Classifier) -> tuple[float, float]:
+    return _accuracy_on(classifier, world.test_base, world.base), _accuracy_on(classifier, world.test_new, world.new)
 
 
 def attention_focus(aggregator, world: ProxyWorld) -> float:
@@ -120,9 +113,9 @@ def run_world(
     data, bank = world.training_set(), world.bank()
     scale = spec.logit_scale
     rows: dict[str, MethodRow] = {}
-    rows["zeroshot"] = MethodRow("zeroshot", *_base_new(world, _text_scores(world.class_text, scale)))
+    rows["zeroshot"] = MethodRow("zeroshot", *_base_new(world, zeroshot(world.class_text, scale)))
     cupl = cupl_class_embeddings(world.descriptions, world.description_class, spec.num_classes)
-    rows["cupl"] = MethodRow("cupl", *_base_new(world, _text_scores(cupl, scale)))
+    rows["cupl"] = MethodRow("cupl", *_base_new(world, TextClassifier("cupl", cupl, scale)))
     rows["linear-probe"] = _linear_probe(world)
 
     agg_epochs = epochs or agg_cfg.schedule.resolved_epochs(spec.shots, spec.epoch_rule)
@@ -147,9 +140,9 @@ def run_world(
         summaries_by_variant[variant] = summaries
         model = _train_aape(gen_cfg, spec, data, class_text[world.base], summaries, gen_cfg.lambda_distill, gen_epochs, seed)
         extra.update(distill_diagnostics(model, held_out.features, held_summaries, summaries.reshape(-1, spec.dim).mean(0)))
-        rows[aape_method(variant)] = MethodRow(aape_method(variant), *_base_new(world, _model_scores(model, class_text)), extra)
+        rows[aape_method(variant)] = MethodRow(aape_method(variant), *_base_new(world, ModelClassifier("aape", model, class_text)), extra)
     nodistill = _train_aape(gen_cfg, spec, data, class_text[world.base], None, 0.0, gen_epochs, seed)
-    rows["aape-nodistill"] = MethodRow("aape-nodistill", *_base_new(world, _model_scores(nodistill, class_text)))
+    rows["aape-nodistill"] = MethodRow("aape-nodistill", *_base_new(world, ModelClassifier("aape-nodistill", nodistill, class_text)))
     return WorldResult(spec.name, seed, rows, time.perf_counter() - started)
 
 
@@ -171,7 +164,7 @@ def _linear_probe(world: ProxyWorld) -> MethodRow:
     probe = train_linear_probe(
         world.train_clean, world.train.labels, world.val.features, world.val.labels, COARSE_SEARCH if large else CSearch(), max_iter=100 if large else 300
     )
-    base = accuracy(lambda x, classes: probe.logits(x, classes), world.test_base.features, world.test_base.labels, world.base)
+    base = _accuracy_on(probe, world.test_base, world.base)
     return MethodRow("linear-probe", base, float("nan"), {"C": probe.regularisation_c})
 
 
