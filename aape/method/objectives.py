@@ -206,8 +206,7 @@ class DistillObjective:
             )
         self.data, self.class_text, self.summaries, self.lam = data, class_text, summaries, lambda_distill
         self.val_summaries = val_summaries
-        # the best constant predictor of p^a under squared error: the mean training summary
-        self.constant = summaries.reshape(-1, summaries.shape[-1]).mean(0) if summaries is not None else None
+        self.constant = best_constant(summaries) if summaries is not None else None
 
     def loss(self, model: AAPEModel, items: torch.Tensor, views: torch.Tensor):
         items, views = items.to(self.data.views.device), views.to(self.data.views.device)
@@ -245,6 +244,11 @@ class DistillObjective:
         if self.val_summaries is None or self.constant is None or len(self.val_summaries) == 0:
             return {}
         return distill_diagnostics(model, self.data.val_features, self.val_summaries, self.constant)
+
+
+def best_constant(summaries: torch.Tensor) -> torch.Tensor:
+    """The best constant predictor of p^a under squared error: the mean training summary, [d]."""
+    return summaries.reshape(-1, summaries.shape[-1]).mean(0)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from aape.evaluation.metrics import accuracy, harmonic_mean
 from aape.method.aggregator import VARIANTS, AttentionAggregator, aggregator_from_config
 from aape.method.model import AAPEModel
 from aape.method.objectives import (
+    best_constant,
     compute_summaries,
     distill_diagnostics,
     seeded,
@@ -139,7 +140,7 @@ def run_world(
             extra["attention_focus"] = attention_focus(aggregator, world)
         summaries_by_variant[variant] = summaries
         model = _train_aape(gen_cfg, spec, data, class_text[world.base], summaries, gen_cfg.lambda_distill, gen_epochs, seed)
-        extra.update(distill_diagnostics(model, held_out.features, held_summaries, summaries.reshape(-1, spec.dim).mean(0)))
+        extra.update(distill_diagnostics(model, held_out.features, held_summaries, best_constant(summaries)))
         rows[aape_method(variant)] = MethodRow(aape_method(variant), *_base_new(world, ModelClassifier("aape", model, class_text)), extra)
     nodistill = _train_aape(gen_cfg, spec, data, class_text[world.base], None, 0.0, gen_epochs, seed)
     rows["aape-nodistill"] = MethodRow("aape-nodistill", *_base_new(world, ModelClassifier("aape-nodistill", nodistill, class_text)))
