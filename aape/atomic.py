@@ -1,7 +1,9 @@
 """Atomic file writes: a reader (or a rerun after a crash) never sees half a file.
 
 Every writer goes through `atomic_write`: write a temporary file in the target's folder, fsync it,
-rename it over the target, fsync the folder.
+rename it over the target, fsync the folder. The file gets the mode a plain `open()` would give it
+(0o666 less the umask), not mkstemp's private 0o600, so teammates and workers running as another
+user can read the outputs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask. Reading it means setting it: the window is two calls, and a file another
+    thread creates meanwhile gets the restrictive 0o077 rather than world-writable bits."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def default_mode(base: int = 0o666) -> int:
+    """The mode `open()` (base 0o666) or `mkdir()` (base 0o777) gives a new file or folder."""
+    return base & ~current_umask()
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp_path)`, then put the finished file at `path` in one rename."""
     path = Path(path)
@@ -36,6 +51,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # after writing: a writer may have replaced the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -21,6 +21,7 @@ import torch
 from torchvision import transforms as T
 
 from aape.config import BackboneConfig
+from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RANDOM_INIT_SEED = 0
 _REACH_TIMEOUT_S = 3.0
 
 
-class BackboneError(RuntimeError):
+class BackboneError(AAPEError, RuntimeError):
     """The backbone cannot be built as configured; the message says how to fix it."""
 
 

@@ -7,6 +7,10 @@
     aape config check   validate params.yaml (exit 2 with the bad key named)
 
 Every command takes --params FILE and any number of --set key.path=value overrides.
+
+An error of the library prints as `error: <message>` (and `hint: ...`) on stderr, with exit status
+2 for a configuration error and 1 for any other; --log-level DEBUG prints its traceback first.
+Unexpected exceptions (bugs) keep their traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import click
 
-from aape.config import ConfigError, Params, load_params
+from aape.config import Params, load_params
+from aape.errors import report_errors
 from aape.logs import setup_logging
 from aape.stages import STAGES, stage_function
 
@@ -50,10 +55,7 @@ _track_option = click.option(
 
 
 def _load(params_file: str, overrides: tuple[str, ...]) -> Params:
-    try:
-        return load_params(params_file, list(overrides))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    return load_params(params_file, list(overrides))
 
 
 def _apply_runtime(params: Params) -> None:
@@ -112,6 +114,12 @@ def _echo_summary(name: str, summary: dict) -> None:
 class _OrderedGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
+
+    def invoke(self, ctx: click.Context):
+        # Around every command (and so every DVC stage, which runs `aape <stage>`); inside it the
+        # group's callback has already applied --log-level, which decides on the traceback.
+        with report_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,11 +15,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aape.errors import AAPEError
+
 DEFAULT_PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(AAPEError, ValueError):
     """A configuration value is wrong; the message says which key and what to do."""
+
+    exit_code = 2  # a usage error, as click reports its own
 
 
 class _Section(BaseModel):

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from aape.config import Params, load_params  # noqa: E402
+from aape.errors import report_errors  # noqa: E402
 from aape.layout import Layout  # noqa: E402
 from aape.stages import STAGES  # noqa: E402
 from tasks.dvc_sync import record_outputs_task  # noqa: E402
@@ -109,4 +110,6 @@ def _jsonable(value: Any) -> Any:
 
 
 if __name__ == "__main__":
-    pipeline()
+    # Prefect has logged the failed task with its traceback already; the last lines say what to fix.
+    with report_errors():
+        pipeline()

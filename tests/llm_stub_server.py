@@ -3,7 +3,8 @@
 It speaks enough of the protocol for the `openai` client (POST /v1/chat/completions, GET
 /v1/models), answers deterministically, counts requests per request body, and injects faults on
 demand: 429 with Retry-After, 500, replies slower than the client's timeout, malformed JSON, empty
-content, and holding requests unanswered (to kill a client mid-run).
+content, a reply stopped by the content filter, a reply far longer than max_tokens allows, and
+holding requests unanswered (to kill a client mid-run).
 
     with StubLLMServer(latency_s=0.2) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULT_KINDS = ("429", "500", "slow", "malformed", "empty")
+FAULT_KINDS = ("429", "500", "slow", "malformed", "empty", "content_filter", "overlong")
+OVERLONG_CHARS = 100_000
 
 
 def body_key(body: dict[str, Any]) -> str:
@@ -120,6 +122,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_raw(200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "message": {"content": "cut sh')
         elif fault.kind == "empty":
             self._send_json(200, _completion(body, [""], key))
+        elif fault.kind == "content_filter":  # what Azure OpenAI sends: no content at all
+            self._send_json(200, _completion(body, [None], key, finish_reason="content_filter"))
+        elif fault.kind == "overlong":  # a server ignoring max_tokens: a real answer, then rambling
+            self._send_json(200, _completion(body, [overlong_text(body)], key))
 
     def _answer(self, stub: "StubLLMServer", key: str, body: dict[str, Any], count: bool = True) -> None:
         texts = [reply_text(body, i) for i in range(int(body.get("n") or 1))]
@@ -141,16 +147,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _completion(body: dict[str, Any], texts: list[str], key: str) -> dict[str, Any]:
+def overlong_text(body: dict[str, Any]) -> str:
+    """The normal answer, then full sentences up to OVERLONG_CHARS characters."""
+    text = reply_text(body)
+    text += "" if text.endswith((".", "?", "!")) else "."
+    filler = " It goes on and on."
+    return (text + filler * (OVERLONG_CHARS // len(filler)))[:OVERLONG_CHARS]
+
+
+def _completion(body: dict[str, Any], texts: list[str | None], key: str, finish_reason: str = "stop") -> dict[str, Any]:
     prompt_tokens = sum(_count_words(str(m.get("content", ""))) for m in body.get("messages", []))
-    completion_tokens = sum(_count_words(t) for t in texts)
+    completion_tokens = sum(_count_words(t or "") for t in texts)
     return {
         "id": f"chatcmpl-stub-{key[:12]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model", "stub-model"),
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate(texts)
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish_reason} for i, t in enumerate(texts)
         ],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
     }

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from aape.atomic import current_umask
 from aape.config import DataConfig, load_params
 from aape.data import (
     DataError,
@@ -86,6 +88,11 @@ def test_demo_materialisation_is_idempotent_and_leaves_no_staging(demo_root):
     assert ensure_demo_mnist(demo_root) == target
     assert probe.stat().st_mtime_ns == before  # reused, not rewritten
     assert [p.name for p in demo_root.iterdir()] == ["demo-mnist"]  # no temporary folder left behind
+
+
+def test_demo_folder_gets_the_mode_the_umask_asks_for(demo_root):
+    # built in a mkdtemp folder (0o700): without a chmod, other users could not read the dataset
+    assert stat.S_IMODE((demo_root / "demo-mnist").stat().st_mode) == 0o777 & ~current_umask()
 
 
 def test_demo_refuses_a_half_made_folder(tmp_path):

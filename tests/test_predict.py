@@ -155,7 +155,7 @@ def test_cli_writes_a_csv_and_prints_a_listing(world, tmp_path, capsys):
     empty.mkdir()
     failed = CliRunner().invoke(main, ["predict", str(empty), "--model", str(world["model_dir"]), "--classes", "a,b",
                                        "--params", str(params_file)])
-    assert failed.exit_code != 0 and "holds no image files" in str(failed.exception)
+    assert failed.exit_code == 1 and failed.stderr.startswith("error: ") and "holds no image files" in failed.stderr
 
 
 def test_write_or_print_accepts_dicts(capsys):

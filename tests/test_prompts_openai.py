@@ -12,11 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from llm_stub_server import StubLLMServer, body_key, reply_text, stub_server  # noqa: F401 - fixture
+from llm_stub_server import OVERLONG_CHARS, StubLLMServer, body_key, reply_text, stub_server  # noqa: F401 - fixture
 
 from aape.config import dump_params, load_params
 from aape.prompts import load_descriptions
@@ -173,6 +174,42 @@ def test_missing_key_for_openai_itself_is_a_clear_error(tmp_path, stub_server, m
     params.prompts.openai.base_url = None
     with pytest.raises(LLMError, match=f"environment variable {KEY_ENV} is not set"):
         run(params)
+
+
+def test_a_content_filtered_reply_is_reported_as_such_not_as_empty(tmp_path, stub_server, secret_key, caplog):
+    # filtered replies are bad replies: retried like empty ones, then a clear error
+    params = make_params(tmp_path, stub_server, "prompts.openai.max_retries=1", "prompts.openai.concurrency=1")
+    stub_server.add_fault("content_filter", count=2)
+    caplog.set_level("WARNING", logger="aape")
+    with pytest.raises(LLMError) as err:
+        run(params)
+    retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying")]
+    for message in [*retried, str(err.value)]:
+        assert "finish_reason=content_filter" in message and "class 'AnnualCrop'" in message and "empty" not in message
+    assert len(retried) == 1 and "question 'Describe how AnnualCrop looks" in str(err.value)
+
+
+def test_an_overlong_reply_is_stored_capped_with_a_warning(tmp_path, stub_server, secret_key, caplog):
+    stub_server.add_fault("overlong", count=1)  # the first request: class AnnualCrop, concurrency 1
+    caplog.set_level("WARNING", logger="aape")
+    run(make_params(tmp_path, stub_server, "prompts.max_tokens=50", "prompts.openai.concurrency=1"))
+    saved = Journal(tmp_path / "cache" / "prompts" / "journal.jsonl").load()
+    capped = [e for e in saved.values() if "It goes on" in e["raw_text"]]
+    assert len(saved) == 12 and len(capped) == 1
+    assert len(capped[0]["raw_text"]) == 50 * 8 and capped[0]["finish_reason"] == "length"
+    frame = load_descriptions(tmp_path / "out" / "prompts" / "descriptions.parquet")
+    text = frame.loc[frame["raw_text"] == capped[0]["raw_text"], "text"].item()
+    assert text.endswith("It goes on and on.") and len(text) <= 400  # cut after its last full sentence
+    warning = [r.getMessage() for r in caplog.records if "characters" in r.getMessage()]
+    assert len(warning) == 1 and "class 'AnnualCrop'" in warning[0] and f"{OVERLONG_CHARS} characters" in warning[0]
+
+
+def test_errors_from_the_source_are_not_chained_to_asyncio_internals(tmp_path, stub_server, secret_key):
+    stub_server.api_key = "the-right-key"
+    with pytest.raises(LLMError) as err:
+        run(make_params(tmp_path, stub_server))
+    shown = "".join(traceback.format_exception(err.value))
+    assert "HTTP 401" in shown and "no running event loop" not in shown and err.value.__context__ is None
 
 
 def test_retry_after_parsing():

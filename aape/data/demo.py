@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aape.atomic import default_mode
 from aape.data.images import DataError
 from aape.data.records import DatasetSplits, Record
 from aape.data.splits import read_split_file, split_by_proportion, write_split_file
@@ -95,6 +96,7 @@ def ensure_demo_mnist(root: str | Path) -> Path:
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_KEY}.", dir=target.parent))
+    os.chmod(staging, default_mode(0o777))  # mkdtemp's 0o700 would hide the dataset from other users
     try:
         count = _write(staging)
         try:

@@ -21,13 +21,14 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from aape.data.records import DataError
+from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
 
 
-class DatasetDownloadError(RuntimeError):
+class DatasetDownloadError(AAPEError, RuntimeError):
     """A download could not run (offline, host down) or failed; the message says what to do instead."""
 
 

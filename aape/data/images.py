@@ -6,8 +6,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from aape.errors import AAPEError
 
-class DataError(ValueError):
+
+class DataError(AAPEError, ValueError):
     """Bad dataset input (file, split, class list); the message names the culprit."""
 
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from aape.errors import AAPEError
+
 if TYPE_CHECKING:
     from aape.config import EvaluationConfig
 
@@ -33,7 +35,7 @@ class NotApplicable(Exception):
     """This method cannot score these classes (e.g. a linear probe on classes it never saw)."""
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AAPEError, ValueError):
     """Evaluation inputs are inconsistent; the message names the culprit and what to do."""
 
 

@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from aape.config import BackboneConfig, Params
 from aape.data.images import UnreadableImageError, open_image
+from aape.errors import AAPEError
 from aape.logs import progress
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ RANDOM_INIT_WEIGHTS = "random-init"
 GENERATOR_JSON = "generator.json"
 
 
-class PredictionError(ValueError):
+class PredictionError(AAPEError, ValueError):
     """Bad input to prediction (class list, image path, model directory); the message names it."""
 
 

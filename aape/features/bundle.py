@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from aape.atomic import atomic_write
+from aape.errors import AAPEError
 from aape.layout import Layout
 
 FORMAT = "aape-features/1"
@@ -40,7 +41,7 @@ TEXT_FILE = "text.safetensors"
 TEST_FILE = "test.safetensors"
 
 
-class FeatureError(RuntimeError):
+class FeatureError(AAPEError, RuntimeError):
     """Feature artifacts or cache entries are missing, stale or inconsistent; the message says what to do."""
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aape.errors import AAPEError
 from aape.method.checkpoint import CheckpointError, load_weights, read_checkpoint, write_checkpoint
 from aape.method.descriptions import DescriptionBank, masked_mean
 
@@ -34,7 +35,7 @@ VARIANTS = ("attention", "literal", "mean", "mlp", "random")
 CHECKPOINT_STEM = "aggregator"
 
 
-class NoAttentionError(ValueError):
+class NoAttentionError(AAPEError, ValueError):
     """Asked for attention weights of an aggregator variant that has none."""
 
 

@@ -18,15 +18,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aape.atomic import atomic_write, atomic_write_json
+from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AAPEError, RuntimeError):
     """A checkpoint is missing or unreadable; the message says which file and what to do."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(AAPEError, ValueError):
     """A checkpoint was trained for another backbone or embedding size than the one in use."""
 
 

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aape.errors import AAPEError
 
-class MissingDescriptionsError(ValueError):
+
+class MissingDescriptionsError(AAPEError, ValueError):
     """A training class has no description embedding; the aggregator has nothing to aggregate."""
 
 

@@ -14,6 +14,7 @@ import torch
 from aape.backbone import RANDOM_INIT_NOTICE
 from aape.data.images import DataError
 from aape.data.manifests import read_classes as read_classes_file
+from aape.errors import AAPEError
 from aape.features import FeatureBundle, load_bundle
 from aape.layout import Layout
 from aape.method.descriptions import DescriptionBank, to_local
@@ -22,7 +23,7 @@ from aape.method.objectives import TrainingSet
 log = logging.getLogger(__name__)
 
 
-class StageInputError(RuntimeError):
+class StageInputError(AAPEError, RuntimeError):
     """An upstream artifact is missing or inconsistent; the message names it and the stage to rerun."""
 
 

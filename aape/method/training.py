@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from aape.config import ScheduleConfig
+from aape.errors import AAPEError
 from aape.logs import progress
 from aape.method.checkpoint import atomic_torch_save, load_resume_state
 from aape.method.schedule import lr_at, make_optimizer, set_lr
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 RESUME_FORMAT = "aape-resume/1"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(AAPEError, RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and the batch."""
 
 

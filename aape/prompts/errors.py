@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from aape.errors import AAPEError
 
-class PromptsError(ValueError):
+
+class PromptsError(AAPEError, ValueError):
     """Bad input to the prompt stage: a class list, a template choice, a description file."""
 
 
@@ -27,9 +29,9 @@ class TooFewDescriptionsError(PromptsError):
     """A class kept fewer than prompts.min_per_class descriptions after cleaning."""
 
 
-class LLMError(RuntimeError):
+class LLMError(AAPEError, RuntimeError):
     """Talking to the LLM failed in a way retrying cannot fix (or the retry budget ran out)."""
 
 
-class LocalModelError(RuntimeError):
+class LocalModelError(AAPEError, RuntimeError):
     """The offline local model cannot be found or loaded."""

@@ -2,10 +2,10 @@
 
 Requests run concurrently (at most `concurrency` in flight), one answer per request with a
 per-sample `seed`. Rate limits (429, honouring Retry-After), server errors, timeouts, malformed
-JSON and empty answers are retried with exponential backoff; each request has at most
-`max_retries` retries and the whole run at most `retry_budget_s` seconds of waiting. Every answer is
-persisted the moment it arrives. The API key is read from the environment and handed to the client
-only: it is never logged, stored or put in an error message.
+JSON, empty answers and answers withheld by a content filter are retried with exponential backoff;
+each request has at most `max_retries` retries and the whole run at most `retry_budget_s` seconds
+of waiting. Every answer is persisted the moment it arrives. The API key is read from the
+environment and handed to the client only: it is never logged, stored or put in an error message.
 """
 
 from __future__ import annotations
@@ -189,6 +189,13 @@ def _backoff_s(cfg: OpenAIEndpointConfig, attempt: int) -> float:
     return min(BACKOFF_CAP_S, cfg.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 
+def _no_content(finish_reason: str | None) -> _Retryable:
+    """A reply without text; a content filter says so in finish_reason, and that is what to report."""
+    if finish_reason == "content_filter":
+        return _Retryable("content_filter", "the reply was withheld by the server's content filter (finish_reason=content_filter)")
+    return _Retryable("empty", f"the reply has empty content (finish_reason={finish_reason})")
+
+
 async def _request_once(
     client: openai.AsyncOpenAI, cfg: OpenAIEndpointConfig, system: str, job: SampleJob, sampling: Sampling, stats: RunStats
 ) -> dict[str, Any]:
@@ -211,7 +218,7 @@ async def _request_once(
     choice = completion.choices[0] if completion.choices else None
     content = choice.message.content if choice is not None and choice.message is not None else None
     if not content or not content.strip():
-        raise _Retryable("empty", "the reply has empty content")
+        raise _no_content(choice.finish_reason if choice is not None else None)
     return make_entry(
         job,
         source=f"openai:{cfg.model}",
@@ -309,11 +316,19 @@ def answer_jobs_openai(jobs: list[SampleJob], cfg: OpenAIEndpointConfig, system:
     return stats
 
 
-def _run_coroutine(coro: Awaitable[None]) -> None:
-    """asyncio.run, also from code that already runs an event loop (a notebook): then in a thread."""
+def _loop_is_running() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        return False
+    return True
+
+
+def _run_coroutine(coro: Awaitable[None]) -> None:
+    """asyncio.run, also from code that already runs an event loop (a notebook): then in a thread."""
+    # Decided outside the except block: run inside it, every error of the run would show
+    # "RuntimeError: no running event loop" as its context, first in the traceback.
+    if not _loop_is_running():
         asyncio.run(coro)  # type: ignore[arg-type]
         return
     failure: list[BaseException] = []
