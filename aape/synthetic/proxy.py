@@ -70,14 +70,14 @@ class WorldResult:
     seconds: float
 
 
-def _accuracy_on(classifier: Classifier, images, classes: list[int]) -> float:
+def accuracy_on(classifier: Classifier, images, classes: list[int]) -> float:
     """Top-1 accuracy among `classes`, scored as the evaluation stage scores (same classifiers, batches)."""
     predictions = predict_in_batches(classifier, images.features, classes, batch_size=1024)
     return accuracy(predictions, to_local(images.labels, classes))
 
 
 def _base_new(world: ProxyWorld, classifier: Classifier) -> tuple[float, float]:
-    return _accuracy_on(classifier, world.test_base, world.base), _accuracy_on(classifier, world.test_new, world.new)
+    return accuracy_on(classifier, world.test_base, world.base), accuracy_on(classifier, world.test_new, world.new)
 
 
 def attention_focus(aggregator, world: ProxyWorld) -> float:
@@ -165,7 +165,7 @@ def _linear_probe(world: ProxyWorld) -> MethodRow:
     probe = train_linear_probe(
         world.train_clean, world.train.labels, world.val.features, world.val.labels, COARSE_SEARCH if large else CSearch(), max_iter=100 if large else 300
     )
-    base = _accuracy_on(probe, world.test_base, world.base)
+    base = accuracy_on(probe, world.test_base, world.base)
     return MethodRow("linear-probe", base, float("nan"), {"C": probe.regularisation_c})
 
 
