@@ -63,11 +63,12 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """The one JSON writer for outputs: indented, UTF-8, non-ASCII kept readable (class names)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def atomic_write_stream(path: Path | str, write: Callable[[Any], Any]) -> Path:
@@ -78,3 +79,13 @@ def atomic_write_stream(path: Path | str, write: Callable[[Any], Any]) -> Path:
             write(handle)
 
     return atomic_write(path, to_file)
+
+
+def atomic_save_tensors(path: Path | str, tensors: dict[str, Any], metadata: dict[str, Any] | None = None) -> Path:
+    """Save torch tensors as safetensors; metadata values are JSON-encoded (safetensors wants strings)."""
+    from safetensors.torch import save_file  # here, not at the top: the JSON and text writers need no torch
+
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    # clone: safetensors refuses tensors that share storage (e.g. two slices of one buffer)
+    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))

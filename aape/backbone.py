@@ -12,16 +12,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torchvision import transforms as T
 
 from aape.config import BackboneConfig
 from aape.errors import AAPEError
+from aape.network import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ RANDOM_INIT_NOTICE = "RANDOM-INIT BACKBONE: weights are random, accuracies mean 
 # Random-init weights come from a fixed seed, so every process (each stage, predict, a rerun)
 # builds the very same network and cached features stay valid.
 RANDOM_INIT_SEED = 0
-_REACH_TIMEOUT_S = 3.0
 
 
 class BackboneError(AAPEError, RuntimeError):
@@ -147,15 +145,6 @@ def _file_digest(path: Path, limit: int = 1 << 24) -> str:
     return f"{path.stat().st_size}-{h.hexdigest()[:16]}"
 
 
-def _host_reachable(url: str) -> bool:
-    host = urlparse(url).hostname or url
-    try:
-        with socket.create_connection((host, 443), timeout=_REACH_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
 def _how_to_supply(model: str, tag: str) -> str:
     return (
         f"How to supply the weights for {model}/{tag}:\n"
@@ -168,29 +157,82 @@ def _how_to_supply(model: str, tag: str) -> str:
     )
 
 
+def _unknown_model(model: str) -> str:
+    return (
+        f"backbone.model: '{model}' is not an open_clip architecture. "
+        f"Examples: ViT-B-16, ViT-B-32, RN50, ViT-L-14, aape-tiny (see open_clip.list_models())."
+    )
+
+
+def _unknown_tag(model: str, tag: str) -> str:
+    import open_clip
+
+    known = open_clip.list_pretrained_tags_by_model(model)
+    return (
+        f"backbone.pretrained: '{tag}' is not a known open_clip tag for '{model}' and is not an existing file. "
+        f"Known tags: {', '.join(known) or 'none'}; or give a checkpoint path, or '{RANDOM_INIT}'."
+    )
+
+
+def _missing_checkpoint(path: str) -> str:
+    return f"backbone.pretrained: checkpoint file '{path}' does not exist. Give an existing file, an open_clip tag, or '{RANDOM_INIT}'."
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".safetensors"))
+
+
+def _hf_hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _weights_cached(pretrained_cfg: dict) -> bool:
+    hub_id = pretrained_cfg.get("hf_hub", "")
+    if not hub_id:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id = "/".join(hub_id.rstrip("/").split("/")[:2])
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str) and os.path.exists(cached):
+            return True
+    return False
+
+
+def backbone_problems(cfg: BackboneConfig) -> list[str]:
+    """What `load_backbone` would refuse, found without building a model or touching the network."""
+    import open_clip
+
+    register_model_configs()
+    if cfg.model not in open_clip.list_models():
+        return [_unknown_model(cfg.model)]
+    if cfg.pretrained == RANDOM_INIT or Path(cfg.pretrained).expanduser().is_file():
+        return []
+    if _looks_like_path(cfg.pretrained):
+        return [_missing_checkpoint(cfg.pretrained)]
+    pretrained_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
+    if not pretrained_cfg:
+        return [_unknown_tag(cfg.model, cfg.pretrained)]
+    if _hf_hub_offline() and not _weights_cached(pretrained_cfg):
+        return [f"backbone.pretrained: weights {cfg.model}/{cfg.pretrained} are not in the local cache and HF_HUB_OFFLINE is set; "
+                f"give a checkpoint file, or '{RANDOM_INIT}' for a smoke run"]  # fmt: skip
+    return []
+
+
 def check_pretrained_reachable(model: str, tag: str) -> None:
     """Fail fast (seconds) when a pretrained tag is neither cached nor downloadable."""
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
-        known = open_clip.list_pretrained_tags_by_model(model)
-        raise BackboneError(
-            f"backbone.pretrained: '{tag}' is not a known open_clip tag for '{model}' and is not an existing file. "
-            f"Known tags: {', '.join(known) or 'none'}; or give a checkpoint path, or '{RANDOM_INIT}'."
-        )
+        raise BackboneError(_unknown_tag(model, tag))
+    if _weights_cached(cfg):
+        return
     hub_id = cfg.get("hf_hub", "")
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id = "/".join(hub_id.rstrip("/").split("/")[:2])
-        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            cached = try_to_load_from_cache(repo_id, filename)
-            if isinstance(cached, str) and os.path.exists(cached):
-                return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = _hf_hub_offline()
     url = cfg.get("url") or "https://huggingface.co"
-    if offline or not _host_reachable("https://huggingface.co" if hub_id else url):
+    if offline or not host_reachable("https://huggingface.co" if hub_id else url):
         reason = "HF_HUB_OFFLINE is set" if offline else "the weights host cannot be reached"
         raise BackboneError(
             f"pretrained weights {model}/{tag} are not in the local cache and {reason}.\n" + _how_to_supply(model, tag)
@@ -203,10 +245,7 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", imag
 
     register_model_configs()
     if cfg.model not in open_clip.list_models():
-        raise BackboneError(
-            f"backbone.model: '{cfg.model}' is not an open_clip architecture. "
-            f"Examples: ViT-B-16, ViT-B-32, RN50, ViT-L-14, aape-tiny (see open_clip.list_models())."
-        )
+        raise BackboneError(_unknown_model(cfg.model))
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = _resolve_dtype(cfg.precision, device)
     pretrained: str | None
@@ -216,11 +255,8 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", imag
     elif Path(cfg.pretrained).expanduser().is_file():
         path = Path(cfg.pretrained).expanduser().resolve()
         pretrained, weights_id = str(path), f"file:{path.name}:{_file_digest(path)}"
-    elif any(sep in cfg.pretrained for sep in ("/", "\\")) or cfg.pretrained.endswith((".pt", ".bin", ".safetensors")):
-        raise BackboneError(
-            f"backbone.pretrained: checkpoint file '{cfg.pretrained}' does not exist. "
-            f"Give an existing file, an open_clip tag, or '{RANDOM_INIT}'."
-        )
+    elif _looks_like_path(cfg.pretrained):
+        raise BackboneError(_missing_checkpoint(cfg.pretrained))
     else:
         check_pretrained_reachable(cfg.model, cfg.pretrained)
         pretrained, weights_id = cfg.pretrained, f"tag:{cfg.pretrained}"

@@ -4,7 +4,7 @@
     aape run            all stages in order, in this process
     aape predict        classify images with a trained model and any class names
     aape config show    the validated configuration, defaults filled in
-    aape config check   validate params.yaml (exit 2 with the bad key named)
+    aape config check   validate params.yaml and preflight it (exit 2 naming every problem)
 
 Every command takes --params FILE and any number of --set key.path=value overrides.
 
@@ -27,6 +27,7 @@ import click
 from aape.config import Params, load_params
 from aape.errors import report_errors
 from aape.logs import setup_logging
+from aape.preflight import preflight
 from aape.stages import STAGES, stage_function
 
 log = logging.getLogger("aape.cli")
@@ -142,11 +143,12 @@ for _name in STAGES:
 def run_all(params_file: str, overrides: tuple[str, ...], track: bool | None, start: str | None, stop: str | None) -> None:
     """Run the stages in order in this process (no orchestrator)."""
     params = _load(params_file, overrides)
-    _apply_runtime(params)
     names = list(STAGES)
     names = names[names.index(start) if start else 0 : (names.index(stop) + 1) if stop else None]
     if not names:
         raise click.ClickException("--from comes after --to: nothing to run")
+    preflight(params, names, source=params_file)  # before a stage prepares data or pays for descriptions
+    _apply_runtime(params)
     summaries = _run_stages(names, params, track)
     for name, summary in summaries.items():
         _echo_summary(name, summary)
@@ -195,8 +197,9 @@ def config_show(params_file: str, overrides: tuple[str, ...], as_json: bool) -> 
 @_params_option
 @_set_option
 def config_check(params_file: str, overrides: tuple[str, ...]) -> None:
-    """Validate params.yaml; exits non-zero naming the bad key and the allowed values."""
+    """Validate params.yaml and check what it names exists; exit 2 naming every problem."""
     params = _load(params_file, overrides)
+    preflight(params, source=params_file)
     click.echo(f"{params_file}: valid (run '{params.run.name}', dataset '{params.data.dataset}', backbone {params.backbone.model}/{params.backbone.pretrained})")
 
 

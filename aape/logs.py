@@ -69,9 +69,3 @@ def _logged_progress(items: Iterable[T], desc: str, total: int | None, unit: str
             of = f"/{total}" if total else ""
             log.info("%s: %d%s %s (%.1f %s/s)", desc, done, of, unit, done / (now - start), unit)
 
-
-@contextmanager
-def timed(label: str, logger: logging.Logger = log) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    logger.info("%s took %.2fs", label, time.perf_counter() - start)

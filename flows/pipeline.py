@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from aape.config import Params, load_params  # noqa: E402
 from aape.errors import report_errors  # noqa: E402
 from aape.layout import Layout  # noqa: E402
+from aape.preflight import preflight  # noqa: E402
 from aape.stages import STAGES  # noqa: E402
 from tasks.dvc_sync import record_outputs_task  # noqa: E402
 from tasks.registry import register_model_task  # noqa: E402
@@ -85,6 +86,7 @@ def pipeline(
     logging.getLogger("aape").setLevel(logging.INFO)
     logger = get_run_logger()
     params = load_params(params_file, build_overrides(overrides, dataset, shots, seeds, backbone, pretrained, llm_source))
+    preflight(params, source=params_file)  # before any stage spends time or LLM calls
     if params.backbone.random_init:
         logger.warning("RANDOM-INIT BACKBONE: results of this run say nothing about CLIP or AAPE")
     summaries: dict[str, Any] = {}

@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from aape.config import load_params
-from flows.pipeline import pipeline
+from aape.preflight import preflight
+from flows.pipeline import build_overrides, pipeline
 
 
 def cell_output_dir(dataset: str, variant: str, seed: int) -> str:
@@ -54,7 +55,8 @@ def sweep(
     track: bool | None = None,
 ) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    load_params(params_file, list(overrides or []))  # fail before the first cell on a bad config
+    for dataset in datasets or [None]:  # fail before the first cell on a bad config, of any cell
+        preflight(load_params(params_file, build_overrides(overrides, dataset=dataset)), source=params_file)
     cells = []
     for dataset, variant, seed in product(datasets, variants, seeds):
         out = cell_output_dir(dataset, variant, seed)

@@ -85,3 +85,23 @@ def test_random_init_weights_are_the_same_in_every_load():
     torch.manual_seed(7)
     load_backbone(cfg, device="cpu")
     assert torch.equal(torch.rand(1), expected)
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")], ids=["cuda", "mps-only", "cpu"]
+)
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    from aape.backbone import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+
+
+def test_explicit_devices_are_kept_and_a_missing_cuda_is_an_error(monkeypatch):
+    from aape.backbone import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [resolve_device(name) for name in ("cpu", "mps")] == [torch.device("cpu"), torch.device("mps")]
+    with pytest.raises(BackboneError, match="run.device is 'cuda' but no CUDA device is visible"):
+        resolve_device("cuda")

@@ -89,3 +89,9 @@ def test_explicit_settings_replace_the_table():
     half = baseline_templates(FeaturesConfig(ensemble_templates=["a {}."]), "eurosat")
     assert half.zeroshot == "a centered satellite photo of {}." and half.ensemble == ("a {}.",)
     assert half.metadata()["ensemble_templates"] == ["a {}."]
+
+
+@pytest.mark.parametrize("spelling", ["Oxford_Pets", "oxford-pets", "OxfordPets", " oxford pets ", "pets"])
+def test_every_spelling_of_a_dataset_reaches_the_registrys_key(spelling):
+    """The templates take the registry's normaliser (canonical_name) with every spelling it knows."""
+    assert baseline_templates(AUTO, spelling).dataset == "oxford_pets"

@@ -27,9 +27,9 @@ from aape.data import (
     draw_fewshot,
     manifest_metadata,
     read_classes,
-    to_local,
 )
 from aape.data.demo import DEMO_CLASSNAMES, ensure_demo_mnist
+from aape.labels import LabelMismatchError, to_local
 from aape.layout import Layout
 
 
@@ -165,7 +165,7 @@ def test_class_plan_and_relabelling_keep_the_mapping():
     train_classes, eval_sets = class_plan("base2new", range(7))
     assert train_classes == [0, 1, 2, 3] and eval_sets == {"base": [0, 1, 2, 3], "new": [4, 5, 6]}
     np.testing.assert_array_equal(to_local([4, 6, 5, 4], eval_sets["new"]), [0, 2, 1, 0])
-    with pytest.raises(DataError, match="label 1 is not in the class subset"):
+    with pytest.raises(LabelMismatchError, match=r"label\(s\) \[1\] that are not among the classes \[4, 5, 6\]"):
         to_local([1], eval_sets["new"])
     assert class_plan("fewshot", range(3)) == ([0, 1, 2], {"all": [0, 1, 2]})
 

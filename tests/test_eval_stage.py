@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from aape.atomic import atomic_save_tensors, atomic_write_json
 from aape.config import EVAL_METHODS, load_params
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import accuracy, harmonic_mean
-from aape.atomic import atomic_write_json
 from aape.features.baseline_templates import baseline_templates
-from aape.features.bundle import atomic_save_tensors
 from aape.layout import Layout
 from aape.tracking import RecordingTracker
 

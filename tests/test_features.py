@@ -236,7 +236,7 @@ def test_crash_while_writing_data_leaves_no_file_under_the_final_name(tmp_path, 
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_mod, "save_file", dies_midway)
+    monkeypatch.setattr("safetensors.torch.save_file", dies_midway)  # what aape.atomic.atomic_save_tensors calls
     with pytest.raises(KeyboardInterrupt):
         entry.save({"features": torch.ones(2, 3)}, {})
     assert not entry.data_path.exists() and not entry.is_complete()
@@ -338,6 +338,8 @@ def test_stage_writes_the_bundle_and_a_rerun_encodes_nothing(run_params, stage_b
     index = json.loads((layout.features / "index.json").read_text())
     assert index["random_init"] is True and "RANDOM-INIT" in index["notice"]
     assert set(index["files"]) == {"test.safetensors", "seed1/train.safetensors", "seed1/val.safetensors", "text.safetensors"}
+    headers = {name: bundle_mod.read_metadata(layout.features / name)["format"] for name in index["files"]}
+    assert headers == dict.fromkeys(index["files"], bundle_mod.FORMAT)  # every features file names its format
 
     counter.reset()
     second = extract_features.run(run_params)

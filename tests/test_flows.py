@@ -115,3 +115,32 @@ def test_sweep_summary_table_has_mean_and_std():
     ]
     table = summarise(cells)
     assert "| eurosat | attention | 2 | 71.00 ± 1.41 |" in table
+
+
+def test_flow_preflight_fails_before_any_stage(prefect_server, monkeypatch, tmp_path):
+    from aape.config import ConfigError
+    from flows.pipeline import pipeline
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    with pytest.raises(ConfigError, match="checkpoint file '.*gone.pt' does not exist"):
+        pipeline(
+            params_file=str(Path(__file__).resolve().parents[1] / "params.yaml"),
+            pretrained=str(tmp_path / "gone.pt"),
+            overrides=[f"run.output_dir={tmp_path / 'a'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+            register_model=False,
+            record_in_dvc=False,
+        )
+    assert calls == [] and list(tmp_path.iterdir()) == []  # no stage, no outputs, no tracking database
+
+
+def test_sweep_preflights_every_cell_before_the_first(prefect_server, monkeypatch, tmp_path):
+    from aape.config import ConfigError
+    from flows.sweep import sweep
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    with pytest.raises(ConfigError, match="unknown dataset 'eurosta'"):
+        sweep(datasets=["demo-mnist", "eurosta"], seeds=[1], params_file=str(Path(__file__).resolve().parents[1] / "params.yaml"),
+              overrides=[f"run.cache_dir={tmp_path / 'cache'}"], track=False)  # fmt: skip
+    assert calls == []  # the good first cell did not run either

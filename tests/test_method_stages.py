@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from aape.atomic import atomic_save_tensors
 from aape.config import load_params
-from aape.features.bundle import atomic_save_tensors
 from aape.layout import Layout
 from aape.method import AAPEModel, MissingDescriptionsError, load_aggregator
 from aape.method.inputs import StageInputError

@@ -64,3 +64,15 @@ def test_headline_metric_prefers_H_then_accuracy():
     assert headline_metric({"base2new/zeroshot/H_mean": 1.0, "base2new/aape/H_mean": 70.0}) == ("base2new/aape/H_mean", 70.0)
     assert headline_metric({"fewshot/aape/accuracy_mean": 55.0}) == ("fewshot/aape/accuracy_mean", 55.0)
     assert headline_metric({"fewshot/cupl/accuracy_mean": 55.0}) is None
+
+
+def test_a_nested_run_ends_finished_or_failed_like_its_parent(tracked_params):
+    with pytest.raises(RuntimeError):
+        with pipeline_run(tracked_params, "parent") as parent:
+            with parent.child("ok") as ok:
+                ok.log_metrics({"accuracy": 1.0})
+            with parent.child("broken") as broken:
+                raise RuntimeError("stage failed")
+    client = MlflowClient(tracked_params.tracking.uri)
+    status = {run_id: client.get_run(run_id).info.status for run_id in (ok.run_id, broken.run_id, parent.run_id)}
+    assert status == {ok.run_id: "FINISHED", broken.run_id: "FAILED", parent.run_id: "FAILED"}

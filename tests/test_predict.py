@@ -197,3 +197,17 @@ def test_pyfunc_model_agrees_with_aape_predict(world, tmp_path):
     with pytest.raises(Exception, match="no class names"):
         loaded.predict(pd.DataFrame({"image": paths[:1]}))
     assert not math.isnan(float(by_path["probability"].iloc[0]))
+
+
+def test_predict_and_the_datasets_accept_the_same_image_files(tmp_path):
+    """One suffix list: what predict's old list and the class-folder loader's old list accepted, in any case."""
+    from aape.data.images import IMAGE_SUFFIXES
+    from aape.data.splits import list_images
+
+    old_lists = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    assert set(IMAGE_SUFFIXES) == old_lists
+    images = [f"a{suffix}" for suffix in sorted(old_lists)] + [f"b{suffix.upper()}" for suffix in sorted(old_lists)]
+    for name in [*images, "notes.txt", "labels.csv", "._a.jpg"]:  # ._a.jpg: macOS metadata, not an image
+        (tmp_path / name).write_bytes(b"")
+    assert list_images(tmp_path) == sorted(images)
+    assert collect_images([tmp_path]) == sorted(tmp_path / name for name in images)

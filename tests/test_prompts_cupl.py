@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,6 +11,8 @@ import pytest
 from conftest import shared_asset
 
 from aape.config import load_params
+from aape.data.coop import EUROSAT_RENAMES
+from aape.data.registry import class_renames
 from aape.prompts import DESCRIPTION_COLUMNS, descriptions_by_class, load_descriptions
 from aape.prompts.cupl import match_classes, read_cupl_file
 from aape.prompts.errors import CuplFileError, TooFewDescriptionsError, UnmatchedClassesError
@@ -62,6 +65,22 @@ def test_matching_rules():
     match = match_classes(["annual_crop_land", "Sea Or Lake", "HerbaceousVegetation", "River", "Forest"], keys)
     assert match.keys == {0: "Annual Crop Land", 1: "sea or lake", 2: "Herbaceous  Vegetation", 3: "river"}
     assert match.unmatched == [4] and match.unused_keys == []
+
+
+def test_dataset_renames_match_folder_names_to_coop_names_both_ways():
+    keys = ["Annual Crop Land", "SeaLake", "Forest", "airplanes"]
+    classes = ["AnnualCrop", "Sea or Lake", "Forest"]
+    assert match_classes(classes, keys).unmatched == [0, 1]  # normalising alone cannot see these
+    match = match_classes(classes, keys, renames=class_renames("EuroSAT"))
+    assert match.keys == {0: "Annual Crop Land", 1: "SeaLake", 2: "Forest"} and match.unmatched == []
+    assert match_classes(["airplane"], keys, renames=class_renames("caltech101")).keys == {0: "airplanes"}
+    assert class_renames("demo-mnist") == {} and class_renames("my-own-folder") == {}
+
+
+def test_real_eurosat_file_matches_the_folder_names():
+    tree = read_cupl_file(shared_asset("descriptors", "susx_cupl", "CuPL_prompts_eurosat.json"))
+    match = match_classes(list(EUROSAT_RENAMES), list(tree), renames=class_renames("eurosat"))
+    assert match.keys == dict(enumerate(EUROSAT_RENAMES.values())) and match.unused_keys == []
 
 
 def test_ambiguous_keys_are_an_error():
@@ -128,5 +147,51 @@ def test_min_per_class_counts_after_cleaning(tmp_path: Path):
     file = tmp_path / "cupl.json"
     file.write_text(json.dumps({"Forest": ["Tall trees.", "A green canopy."], "River": ["A blue ribbon.", "A blue ribbon.", "  "]}))
     write_classes(tmp_path, "eurosat", ["Forest", "River"])
-    with pytest.raises(TooFewDescriptionsError, match=r"'River' \(class 1: 1\)"):
+    with pytest.raises(TooFewDescriptionsError, match=r"'River' \(class 1: 1\)") as err:
         run(cupl_params(tmp_path, file, "prompts.min_per_class=2"))
+    assert f"Add descriptions for those classes to {file}" in str(err.value) and "n_per_template" not in str(err.value)
+
+
+def test_stage_matches_through_the_dataset_renames(tmp_path: Path):
+    file = tmp_path / "cupl.json"
+    file.write_text(json.dumps({"Annual Crop Land": ["Rows of wheat."], "Forest": ["Tall trees."]}))
+    write_classes(tmp_path, "eurosat", ["AnnualCrop", "Forest"])
+    run(cupl_params(tmp_path, file))
+    frame = load_descriptions(tmp_path / "out" / "prompts" / "descriptions.parquet")
+    assert descriptions_by_class(frame, num_classes=2) == {0: ["Rows of wheat."], 1: ["Tall trees."]}
+    summary = json.loads((tmp_path / "out" / "prompts" / "summary.json").read_text())
+    assert summary["matched_keys"] == {"AnnualCrop": "Annual Crop Land"}
+
+
+@pytest.mark.parametrize("empty", [[], ["  ", ""]])
+def test_a_class_with_an_empty_list_is_unmatched_and_can_be_allowed(tmp_path: Path, empty):
+    file = tmp_path / "cupl.json"
+    file.write_text(json.dumps({"Forest": empty, "River": ["A blue ribbon."]}))
+    write_classes(tmp_path, "eurosat", ["Forest", "River"])
+    with pytest.raises(UnmatchedClassesError) as err:
+        run(cupl_params(tmp_path, file))
+    message = str(err.value)
+    assert "1 of 2 classes" in message and "class 0 'Forest': key 'Forest' has no usable description" in message
+    assert f"Add descriptions for those classes to {file}" in message and "prompts.allow_unmatched: true" in message
+    assert "n_per_template" not in message
+
+    run(cupl_params(tmp_path, file, "prompts.allow_unmatched=true"))
+    frame = load_descriptions(tmp_path / "out" / "prompts" / "descriptions.parquet")
+    assert descriptions_by_class(frame, num_classes=2) == {0: ["a photo of a Forest."], 1: ["A blue ribbon."]}
+    summary = json.loads((tmp_path / "out" / "prompts" / "summary.json").read_text())
+    assert summary["unmatched_classes"] == ["Forest"] and summary["empty_file_keys"] == {"Forest": "Forest"}
+    assert summary["unused_file_keys"] == []
+
+
+def test_keys_matching_no_class_are_logged(tmp_path: Path, caplog):
+    extra = [f"extra {i:02d}" for i in range(12)]
+    file = tmp_path / "cupl.json"
+    file.write_text(json.dumps({"Forest": ["Tall trees."], **{k: ["x y z."] for k in extra}}))
+    write_classes(tmp_path, "eurosat", ["Forest"])
+    with caplog.at_level(logging.WARNING, logger="aape.prompts.cupl"):
+        run(cupl_params(tmp_path, file))
+    [warning] = [r.getMessage() for r in caplog.records if "match no class" in r.getMessage()]
+    assert warning.startswith(f"12 key(s) of {file} match no class")
+    assert all(repr(k) in warning for k in extra[:10]) and "'extra 10'" not in warning and warning.endswith("and 2 more")
+    summary = json.loads((tmp_path / "out" / "prompts" / "summary.json").read_text())
+    assert summary["unused_file_keys"] == extra

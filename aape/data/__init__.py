@@ -4,12 +4,12 @@
     draw_fewshot(splits.train, shots, seed)    # K per class, deterministic
     base_new_split(range(splits.num_classes))  # ([base labels], [new labels])
 
-Stages read what prepare-data wrote with read_classes / read_manifest / read_records.
+Stages read what prepare-data wrote with read_classes / read_manifest.
 """
 
 from aape.data.images import DataError, UnreadableImageError, open_image
-from aape.data.manifests import manifest_metadata, read_classes, read_manifest, read_records, write_manifest
-from aape.data.protocol import base_new_split, cap_per_class, class_plan, draw_fewshot, local_label_map, to_local
+from aape.data.manifests import manifest_metadata, read_classes, read_manifest, write_manifest
+from aape.data.protocol import base_new_split, cap_per_class, class_plan, draw_fewshot
 from aape.data.records import (
     ClassCountError,
     DatasetNotFoundError,
@@ -46,13 +46,10 @@ __all__ = [
     "dataset_hash",
     "draw_fewshot",
     "load_dataset",
-    "local_label_map",
     "manifest_metadata",
     "open_image",
     "read_classes",
     "read_manifest",
-    "read_records",
     "split_hash",
-    "to_local",
     "write_manifest",
 ]

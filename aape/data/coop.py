@@ -44,6 +44,8 @@ EUROSAT_RENAMES = {
     "River": "River",
     "SeaLake": "Sea or Lake",
 }
+# folder name -> CoOp's class name, per dataset key; other loaders keep the names they read
+CLASS_RENAMES: dict[str, dict[str, str]] = {"caltech101": CALTECH_RENAMES, "eurosat": EUROSAT_RENAMES}
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,19 @@ one the loader makes a deterministic split the way CoOp does and says that it is
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from aape.atomic import atomic_write_json
 from aape.data.records import DataError
 from aape.errors import AAPEError
+from aape.network import host_reachable
 
 log = logging.getLogger(__name__)
-
-PROBE_TIMEOUT_S = 3.0
 
 
 class DatasetDownloadError(AAPEError, RuntimeError):
@@ -38,16 +36,6 @@ class Download:
     url: str  # probed before downloading
     fetch: Callable[[Path, Path], None]  # (staging, root) -> dataset placed under root in CoOp's layout
     manual: str  # where the data must go when placed by hand
-
-
-def host_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:  # includes DNS failure (socket.gaierror) and timeouts
-        return False
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -76,7 +64,7 @@ def _flowers(staging: Path, root: Path) -> None:
         _move(base / name, target / name)
     # CoOp reads class names from cat_to_name.json ({"1": "pink primrose", ...}); torchvision has the same
     # list except for one typo, fixed so the names are CoOp's exactly
-    (target / "cat_to_name.json").write_text(json.dumps(flowers_cat_to_name(dataset.classes), indent=1))
+    atomic_write_json(target / "cat_to_name.json", flowers_cat_to_name(dataset.classes))
 
 
 FLOWERS_FIXES = {"pink-yellow dahlia?": "pink-yellow dahlia"}

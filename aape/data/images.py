@@ -8,6 +8,14 @@ from PIL import Image, UnidentifiedImageError
 
 from aape.errors import AAPEError
 
+# the formats PIL decodes that datasets and users put images in
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_file(name: str) -> bool:
+    """By name: an image suffix, any case; hidden files (e.g. macOS's ._photo.jpg) are not images."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
 
 class DataError(AAPEError, ValueError):
     """Bad dataset input (file, split, class list); the message names the culprit."""

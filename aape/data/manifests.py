@@ -42,21 +42,9 @@ def read_manifest(path: Path):
     return pq.read_table(path).to_pandas()
 
 
-def read_records(path: Path) -> list[Record]:
-    frame = read_manifest(path)
-    return [Record(str(p), int(y), str(c)) for p, y, c in zip(frame["path"], frame["label"], frame["classname"])]
-
-
 def manifest_metadata(path: Path) -> dict[str, Any]:
     raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
-
-
-def write_json(path: Path, content: Any) -> Path:
-    from aape.atomic import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    return Path(path)
 
 
 def read_classes(path: Path, required: Sequence[str] = ("dataset", "classnames")) -> dict[str, Any]:

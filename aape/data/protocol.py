@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import numpy as np
-
 from aape.data.images import DataError
 from aape.data.records import Record
 from aape.data.splits import by_label, ranked
@@ -95,22 +93,3 @@ def class_plan(protocol: str, labels: Iterable[int]) -> tuple[list[int], dict[st
     if protocol == "fewshot":
         return ordered, {"all": ordered}
     raise DataError(f"unknown data.protocol {protocol!r}; protocols are {', '.join(PROTOCOLS)}")
-
-
-def local_label_map(subset: Sequence[int]) -> dict[int, int]:
-    """Global label -> label within the subset (its position), e.g. base classes relabelled from 0."""
-    return {g: i for i, g in enumerate(subset)}
-
-
-def to_local(labels: Sequence[int] | np.ndarray, subset: Sequence[int]) -> np.ndarray:
-    """Map global labels to positions in `subset`; a label outside it is an error naming it."""
-    mapping = local_label_map(subset)
-    try:
-        return np.asarray([mapping[int(y)] for y in labels], dtype=np.int64)
-    except KeyError as exc:
-        raise DataError(f"label {exc.args[0]} is not in the class subset {list(subset)[:10]}...") from None
-
-
-def restrict(records: Iterable[Record], classes: Iterable[int]) -> list[Record]:
-    keep = set(classes)
-    return [r for r in records if r.label in keep]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from aape.config import DataConfig
-from aape.data.coop import COOP_DATASETS, load_coop_dataset
+from aape.data.coop import CLASS_RENAMES, COOP_DATASETS, load_coop_dataset
 from aape.data.custom import load_folder, load_manifest
 from aape.data.demo import DEMO_KEY, load_demo_mnist
 from aape.data.imagenet import IMAGENET_VARIANTS, load_imagenet, load_imagenet_variant
@@ -58,6 +58,29 @@ def canonical_name(name: str) -> str:
         f"For your own images use 'folder' (data.path = a folder of class folders) or 'manifest' "
         f"(data.path = a CSV/Parquet file with path, label, classname)."
     )
+
+
+def class_renames(name: str) -> dict[str, str]:
+    """The loader's {folder name: class name} renames for dataset `name` ({} when none or unknown)."""
+    try:
+        return dict(CLASS_RENAMES.get(canonical_name(name), {}))
+    except UnknownDatasetError:  # e.g. the folder name a custom dataset records in classes.json
+        return {}
+
+
+def dataset_folder(name: str, root: str | Path) -> Path | None:
+    """The folder under `root` that dataset `name` is read from; None when there is none to look
+    for: the demo (built on first use) and custom datasets (data.path)."""
+    key = canonical_name(name)
+    if key == "imagenet":
+        return Path(root) / "imagenet"
+    if key in IMAGENET_VARIANTS:
+        return Path(root) / IMAGENET_VARIANTS[key].dirname
+    if key in COOP_DATASETS:
+        return Path(root) / COOP_DATASETS[key].dirname
+    if key in EXTRA_DATASETS:
+        return Path(root) / key
+    return None
 
 
 def build_dataset(cfg: DataConfig) -> DatasetSplits:

@@ -15,11 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from aape.atomic import atomic_write_text
-from aape.data.images import DataError
+from aape.atomic import atomic_write_json
+from aape.data.images import DataError, is_image_file
 from aape.data.records import SPLITS, Record, SplitFileError, classnames_from_records
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # CoOp's proportions (DescribableTextures.read_and_split_data, OxfordPets.split_trainval)
 P_TRAIN, P_VAL = 0.5, 0.2
@@ -76,7 +74,7 @@ def read_split_file(path: Path) -> tuple[list[Record], list[Record], list[Record
 
 def write_split_file(path: Path, train: Sequence[Record], val: Sequence[Record], test: Sequence[Record]) -> None:
     content = {name: [[r.path, r.label, r.classname] for r in part] for name, part in zip(SPLITS, (train, val, test))}
-    atomic_write_text(path, json.dumps(content, indent=1))
+    atomic_write_json(path, content)
 
 
 
@@ -124,10 +122,6 @@ def split_trainval(records: Sequence[Record], source: str, p_val: float = P_VAL_
 
 
 # -- folders of class folders ------------------------------------------------------------------------
-def is_image_file(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def list_class_dirs(folder: Path, ignored: Iterable[str] = ()) -> list[str]:
     """Visible sub-folders, sorted (CoOp's listdir_nohidden + sort; Python's case-sensitive order)."""
     skip = set(ignored)

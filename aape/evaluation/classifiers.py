@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from aape.errors import AAPEError
+from aape.labels import local_positions, to_local
 
 if TYPE_CHECKING:
     from aape.config import EvaluationConfig
@@ -113,13 +114,11 @@ class LinearProbe:
     trials: list[tuple[float, float, float]] = field(default_factory=list)  # (C, val accuracy, val loss), in fit order
 
     def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-        position = {c: i for i, c in enumerate(self.trained_classes)}
-        unseen = [c for c in classes if c not in position]
+        rows = local_positions(list(classes), self.trained_classes)
+        unseen = int((rows < 0).sum())
         if unseen:
-            raise NotApplicable(
-                f"a linear probe has no weights for the {len(unseen)} class(es) it never saw in training"
-            )
-        rows = torch.as_tensor([position[c] for c in classes], dtype=torch.long)
+            raise NotApplicable(f"a linear probe has no weights for the {unseen} class(es) it never saw in training")
+        rows = rows.to(self.weights.device)
         return features @ self.weights[rows].T + self.bias[rows]
 
 
@@ -246,12 +245,12 @@ def train_linear_probe(
     classes = sorted(int(c) for c in torch.unique(train_labels))
     if len(classes) < 2:
         raise EvaluationError(f"a linear probe needs at least 2 training classes, got {classes}")
-    position = {c: i for i, c in enumerate(classes)}
     x = train_features.double()
-    y = torch.as_tensor([position[int(c)] for c in train_labels], dtype=torch.long)
-    known_val = torch.isin(val_labels, torch.as_tensor(classes))
+    y = to_local(train_labels, classes)
+    val_positions = local_positions(val_labels, classes)
+    known_val = val_positions >= 0
     xv = val_features[known_val].double()
-    yv = torch.as_tensor([position[int(c)] for c in val_labels[known_val]], dtype=torch.long)
+    yv = val_positions[known_val]
     if len(yv) == 0:
         chosen = search.middle
         weight, bias = _fit_logistic(x, y, len(classes), chosen, max_iter)

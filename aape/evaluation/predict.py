@@ -32,13 +32,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from aape.config import BackboneConfig, Params
-from aape.data.images import UnreadableImageError, open_image
+from aape.data.images import IMAGE_SUFFIXES, UnreadableImageError, is_image_file, open_image
 from aape.errors import AAPEError
 from aape.logs import progress
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RANDOM_INIT_WEIGHTS = "random-init"
 GENERATOR_JSON = "generator.json"
 
@@ -95,7 +94,7 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name))
             if not inside:
                 raise PredictionError(
                     f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}), also in its sub-folders; "

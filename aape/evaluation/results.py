@@ -18,6 +18,7 @@ import torch
 
 from aape.evaluation.classifiers import Classifier, NotApplicable, predict_in_batches
 from aape.evaluation.metrics import MeanStd, accuracy, harmonic_mean_of_means, mean_std, per_class_accuracy
+from aape.labels import local_positions
 
 # scopes: the training dataset's own protocol, and the transfer protocols
 BASE2NEW, FEWSHOT, CROSS_DATASET, DOMAIN_SHIFT = "base2new", "fewshot", "cross-dataset", "domain-shift"
@@ -66,12 +67,7 @@ class SetOutcome:
 
 def select_eval_set(features: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images whose global label is in `classes`, with labels mapped to local indices (positions)."""
-    classes_t = torch.as_tensor(list(classes), dtype=torch.long)
-    labels = labels.long()
-    size = 1 + max(int(classes_t.max()), int(labels.max()) if labels.numel() else 0)
-    lookup = torch.full((size,), -1, dtype=torch.long)
-    lookup[classes_t] = torch.arange(len(classes_t))
-    local = lookup[labels]
+    local = local_positions(labels, classes)
     keep = local >= 0
     return features[keep], local[keep]
 
@@ -105,12 +101,6 @@ def evaluate_set(
         labels=local,
         per_class=per_class_accuracy(predictions, local, len(classes)),
     )
-
-
-def not_applicable(method: str, reason: str, classes: Sequence[int], classnames: Sequence[str], *, scope: str,
-                   dataset: str, seed: int, eval_set: str) -> SetOutcome:
-    return SetOutcome(scope, dataset, method, seed, eval_set, list(classes), [classnames[c] for c in classes],
-                      float("nan"), note=reason)
 
 
 def seed_metrics(outcomes: Iterable[SetOutcome]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from aape.config import AUTO, FeaturesConfig, template_problem
+from aape.data.registry import canonical_name
 from aape.features.bundle import FeatureError
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,10 @@ def load_template_table(path: Path = TEMPLATES_FILE) -> TemplateTable:
     return TemplateTable(fallback, datasets, ensembles)
 
 
-def dataset_key(dataset: str) -> str:
-    """Our key for a dataset name, as aape.data spells it ('EuroSAT' -> 'eurosat')."""
-    from aape.data.registry import canonical_name
-
-    return canonical_name(dataset)
-
-
 def baseline_templates(cfg: FeaturesConfig, dataset: str) -> BaselineTemplates:
     """The zero-shot and ensemble templates for `dataset`: the data file's for 'auto', else the config's."""
     table = load_template_table()
-    key = dataset_key(dataset)
+    key = canonical_name(dataset)
     entry = table.datasets.get(key)
     if entry is None:  # a dataset added to aape.data without a row here (tests check there is none)
         log.warning("no baseline templates listed for dataset %r: using CoOp's generic template and CLIP's ImageNet set", key)

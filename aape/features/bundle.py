@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from aape.atomic import atomic_write
+from aape.atomic import atomic_save_tensors  # noqa: F401 (aape.features.cache writes through this name)
 from aape.errors import AAPEError
 from aape.layout import Layout
 
@@ -118,16 +118,6 @@ class FeatureBundle:
     @property
     def num_classes(self) -> int:
         return int(self.class_prompts.shape[0])
-
-
-# writing ---------------------------------------------------------------------------------------
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Save tensors as safetensors; metadata values are JSON-encoded (safetensors wants strings)."""
-    meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
-    data = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
 # reading ---------------------------------------------------------------------------------------

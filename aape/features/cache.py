@@ -10,6 +10,10 @@ One entry per independently reusable result (one image view of one manifest, one
 An entry without COMPLETE, or whose COMPLETE does not match the data file, is treated as absent
 and recomputed: an interrupted run can leave temporary or half-written files, never a complete-looking
 entry. The digest is a hash of key.json's canonical form, and key.json is compared on load as well.
+
+Concurrent runs sharing a cache take `<kind>-<digest>.lock` (aape.locks) around look-up and
+computation: the second run waits for the first, then loads the entry it wrote instead of
+computing it again.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +33,7 @@ from safetensors.torch import load_file
 
 from aape.atomic import atomic_write_json
 from aape.features.bundle import atomic_save_tensors, read_metadata
+from aape.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,14 @@ class CacheEntry:
     @property
     def marker_path(self) -> Path:
         return self.dir / MARKER_FILE
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir.with_name(f"{self.dir.name}.lock")  # beside the entry: remove() keeps it
+
+    def locked(self) -> ContextManager[None]:
+        """Exclusive use of this entry across processes and threads, while it is looked up and computed."""
+        return exclusive_lock(self.lock_path, self.dir.name)
 
     def is_complete(self) -> bool:
         return self._check() is None
@@ -124,3 +137,18 @@ class CacheEntry:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+Compute = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+def load_or_compute(entry: CacheEntry, compute: Compute, usable: Callable[[CachedResult], bool] = lambda result: True) -> tuple[CachedResult, bool]:
+    """(the entry's result, whether it was computed now): loaded when complete and `usable`, else
+    computed by `compute() -> (tensors, metadata)` and saved, all under the entry's lock."""
+    with entry.locked():
+        cached = entry.load()
+        if cached is not None and usable(cached):
+            return cached, False
+        tensors, metadata = compute()
+        entry.save(tensors, metadata)
+        return CachedResult(tensors, metadata), True

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from aape.atomic import atomic_write_json
+from aape.atomic import atomic_save_tensors, atomic_write_json
 from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
 from aape.data import manifests as data_manifests
@@ -23,7 +23,6 @@ from aape.data.images import DataError
 from aape.features.bundle import (
     FORMAT,
     FeatureError,
-    atomic_save_tensors,
     index_file,
     skipped_file,
     split_file,
@@ -124,7 +123,7 @@ class Extractor:
     def __init__(self, backbone: Backbone, layout: Layout, params: Params) -> None:
         self.backbone, self.layout, self.params = backbone, layout, params
         self.report = ExtractionReport()
-        self.base_meta = {"identity": backbone.identity, "random_init": backbone.random_init, "embed_dim": backbone.embed_dim}
+        self.base_meta = {"format": FORMAT, "identity": backbone.identity, "random_init": backbone.random_init, "embed_dim": backbone.embed_dim}
         self.baselines = baseline_templates(params.features, params.data.dataset)
 
     def run(self) -> ExtractionReport:

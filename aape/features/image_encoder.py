@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from aape.backbone import Backbone
 from aape.data.images import UnreadableImageError, open_image
 from aape.features.cache import CacheEntry, canonical_json, sha256_hex
+from aape.locks import exclusive_locks
 from aape.logs import progress
 
 log = logging.getLogger(__name__)
@@ -317,15 +318,18 @@ def encode_views(
     root = Path(image_root)
     rel_paths = [str(p) for p in rel_paths]
     stats = file_stats(root, rel_paths)
-    states = [_initial_state(view_entry(backbone, rel_paths, cache_dir, s), stats, backbone.embed_dim) for s in specs]
-    jobs = _jobs(states, len(rel_paths))
-    reused = sum(int((~st.needed).sum()) for st in states)
-    encoded, seconds = 0, 0.0
-    if jobs:
-        encoded, seconds = _encode_jobs(backbone, stats, root, rel_paths, specs, states, jobs, batch_size, num_workers, desc)
-    for spec, state in zip(specs, states):
-        if state.dirty:
-            _save_view(state, stats, root, rel_paths, spec)
+    entries = [view_entry(backbone, rel_paths, cache_dir, s) for s in specs]
+    # a concurrent run wanting these views waits here, then finds them cached instead of encoding them too
+    with exclusive_locks((entry.lock_path, entry.dir.name) for entry in entries):
+        states = [_initial_state(entry, stats, backbone.embed_dim) for entry in entries]
+        jobs = _jobs(states, len(rel_paths))
+        reused = sum(int((~st.needed).sum()) for st in states)
+        encoded, seconds = 0, 0.0
+        if jobs:
+            encoded, seconds = _encode_jobs(backbone, stats, root, rel_paths, specs, states, jobs, batch_size, num_workers, desc)
+        for spec, state in zip(specs, states):
+            if state.dirty:
+                _save_view(state, stats, root, rel_paths, spec)
     kept = torch.stack([st.valid for st in states]).all(dim=0) if states else torch.ones(len(rel_paths), dtype=torch.bool)
     reasons: dict[int, str] = {}
     for state in states:

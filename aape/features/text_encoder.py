@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from aape.backbone import Backbone
-from aape.features.cache import CacheEntry, canonical_json, sha256_hex
+from aape.features.cache import CachedResult, CacheEntry, canonical_json, load_or_compute, sha256_hex
 from aape.features.image_encoder import backbone_key
 from aape.logs import progress
 
@@ -29,10 +29,17 @@ def encode_texts_cached(
     texts = [str(t) for t in texts]
     if not texts:
         return torch.empty(0, backbone.embed_dim), 0
-    entry = text_entry(backbone, texts, cache_dir)
-    cached = entry.load()
-    if cached is not None and cached.tensors["features"].shape == (len(texts), backbone.embed_dim):
-        return cached.tensors["features"], 0
+    def encode() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"features": _encode(backbone, texts, batch_size, desc)}, {"texts": len(texts), "first_text": texts[0]}
+
+    def usable(cached: CachedResult) -> bool:
+        return cached.tensors["features"].shape == (len(texts), backbone.embed_dim)
+
+    result, computed = load_or_compute(text_entry(backbone, texts, cache_dir), encode, usable)
+    return result.tensors["features"], len(texts) if computed else 0
+
+
+def _encode(backbone: Backbone, texts: list[str], batch_size: int, desc: str) -> torch.Tensor:
     features = torch.empty(len(texts), backbone.embed_dim)
     starts = range(0, len(texts), batch_size)
     start_time = time.perf_counter()
@@ -40,8 +47,7 @@ def encode_texts_cached(
         features[start : start + batch_size] = backbone.encode_texts(texts[start : start + batch_size]).cpu()
     seconds = time.perf_counter() - start_time
     log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(texts), desc, seconds, len(texts) / max(seconds, 1e-9))
-    entry.save({"features": features}, {"texts": len(texts), "first_text": texts[0]})
-    return features, len(texts)
+    return features
 
 
 def text_features(backbone: Backbone, texts: Sequence[str], cache_dir: Path | str, batch_size: int = 256) -> torch.Tensor:

@@ -109,18 +109,21 @@ class MlflowTracker:
         """A nested run; its status follows the block (FAILED on exception)."""
         parent_tags = self.client.get_run(self.run_id).data.tags
         inherited = {k: v for k, v in parent_tags.items() if not k.startswith("mlflow.") or k == "mlflow.note.content"}
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=name,
-            tags={**inherited, **(tags or {}), "mlflow.parentRunId": self.run_id},
-        )
-        child = MlflowTracker(self.client, run.info.run_id, self.experiment_id)
-        try:
+        with open_run(self.client, self.experiment_id, name, {**inherited, **(tags or {}), "mlflow.parentRunId": self.run_id}) as child:
             yield child
-        except BaseException:
-            self.client.set_terminated(child.run_id, status="FAILED")
-            raise
-        self.client.set_terminated(child.run_id, status="FINISHED")
+
+
+@contextmanager
+def open_run(client: Any, experiment_id: str, name: str, tags: dict[str, str]) -> Iterator[MlflowTracker]:
+    """The one way this module opens a run (parent or nested): FINISHED after the block, FAILED when it raises."""
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    tracker = MlflowTracker(client, run.info.run_id, experiment_id)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(tracker.run_id, status="FAILED")
+        raise
+    client.set_terminated(tracker.run_id, status="FINISHED")
 
 
 def open_experiment(params: Params) -> tuple[Any, str]:
@@ -150,15 +153,9 @@ def pipeline_run(params: Params, run_name: str, extra_tags: dict[str, str] | Non
     if attach_to:
         yield MlflowTracker(client, attach_to, experiment_id)
         return
-    run = client.create_run(experiment_id, run_name=run_name, tags={**run_tags(params), **(extra_tags or {})})
-    tracker = MlflowTracker(client, run.info.run_id, experiment_id)
-    tracker.log_params(params.flat())
-    if params.backbone.random_init:
-        log.warning("MLflow run %s is tagged random_init=true", run.info.run_id)
-    log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, resolve_tracking_uri(params.tracking.uri))
-    try:
+    with open_run(client, experiment_id, run_name, {**run_tags(params), **(extra_tags or {})}) as tracker:
+        tracker.log_params(params.flat())
+        if params.backbone.random_init:
+            log.warning("MLflow run %s is tagged random_init=true", tracker.run_id)
+        log.info("MLflow run %s (%s) in %s", tracker.run_id, run_name, resolve_tracking_uri(params.tracking.uri))
         yield tracker
-    except BaseException:
-        client.set_terminated(tracker.run_id, status="FAILED")
-        raise
-    client.set_terminated(tracker.run_id, status="FINISHED")

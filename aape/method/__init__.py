@@ -1,6 +1,7 @@
 """The AAPE method on cached CLIP features: aggregator, prompt generator h, classifier head g,
 their training, and their checkpoints (docs/method.md)."""
 
+from aape.labels import to_local
 from aape.method.aggregator import (
     VARIANTS,
     Aggregator,
@@ -12,7 +13,7 @@ from aape.method.aggregator import (
     save_aggregator,
 )
 from aape.method.checkpoint import CheckpointError, CheckpointMismatchError
-from aape.method.descriptions import DescriptionBank, MissingDescriptionsError, to_local
+from aape.method.descriptions import DescriptionBank, MissingDescriptionsError
 from aape.method.model import AAPEModel, ClassifierHead, PromptGenerator
 from aape.method.objectives import TrainingSet, compute_summaries, seeded, summarize_images, train_aggregator, train_generator
 from aape.method.training import FitResult, NonFiniteLossError, epoch_draw, fit

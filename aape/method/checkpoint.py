@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from aape.atomic import atomic_write, atomic_write_json
+from aape.atomic import atomic_save_tensors, atomic_write, atomic_write_json
 from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,6 @@ class CheckpointMismatchError(AAPEError, ValueError):
 
 
 # atomic writes ---------------------------------------------------------------------------------
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    # clone: safetensors refuses tensors that share storage (e.g. two slices of one buffer)
-    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

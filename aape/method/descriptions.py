@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from aape.errors import AAPEError
+from aape.labels import to_local  # noqa: F401 (re-exported: aape.method and the synthetic worlds import it here)
 
 
 class MissingDescriptionsError(AAPEError, ValueError):
@@ -101,19 +102,3 @@ def masked_mean(P: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(P.dtype).unsqueeze(-1)
     total = (P * weights).sum(-2) / weights.sum(-2).clamp_min(1.0)
     return torch.nn.functional.normalize(total, dim=-1)
-
-
-def to_local(labels: torch.Tensor, classes: list[int], what: str = "labels") -> torch.Tensor:
-    """Global labels -> positions in `classes` (the contract's mapping); unknown labels are an error."""
-    top = max(list(classes) + ([int(labels.max())] if labels.numel() else []))
-    lookup = torch.full((top + 1,), -1, dtype=torch.long)
-    lookup[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
-    local = lookup[labels.long()]
-    if (local < 0).any():
-        unknown = sorted(set(labels[local < 0].tolist()))
-        raise ValueError(
-            f"{what} hold global label(s) {unknown[:10]} that are not among the training classes {classes[:10]}"
-            f"{'...' if len(classes) > 10 else ''}: the features and data/classes.json disagree. "
-            f"Re-run `aape prepare-data` and `aape extract-features`."
-        )
-    return local

@@ -16,8 +16,9 @@ from aape.data.images import DataError
 from aape.data.manifests import read_classes as read_classes_file
 from aape.errors import AAPEError
 from aape.features import FeatureBundle, load_bundle
+from aape.labels import to_local
 from aape.layout import Layout
-from aape.method.descriptions import DescriptionBank, to_local
+from aape.method.descriptions import DescriptionBank
 from aape.method.objectives import TrainingSet
 
 log = logging.getLogger(__name__)

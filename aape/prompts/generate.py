@@ -7,6 +7,7 @@ plan order. The CuPL source reads a file instead. All produce rows of `table.DES
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 from collections import Counter
@@ -18,9 +19,11 @@ from typing import Any
 from aape.config import Params, PromptsConfig
 from aape.data.images import DataError
 from aape.data.manifests import read_classes as read_classes_file
+from aape.data.registry import class_renames
+from aape.locks import exclusive_lock
 from aape.prompts.answers import RunStats, Sampling
-from aape.prompts.cleaning import clean_answers
-from aape.prompts.cupl import check_unmatched, match_classes, read_cupl_file
+from aape.prompts.cleaning import CleanResult, clean_answers
+from aape.prompts.cupl import Match, check_unmatched, log_unused_keys, mark_empty, match_classes, read_cupl_file
 from aape.prompts.errors import ClassesFileError, TooFewDescriptionsError
 from aape.prompts.journal import Journal, SampleJob, request_key
 from aape.prompts.templates import TemplateSet, display_name, select_templates
@@ -113,13 +116,35 @@ def generate_from_llm(params: Params, classes: ClassList) -> Descriptions:
     identity = source_identity(cfg)
     jobs = plan_jobs(classes, templates, cfg.n_per_template, sampling, identity)
     journal = Journal(journal_path(params))
-    answers = journal.load()
-    missing = [job for job in jobs if job.key not in answers]
-    log.info(
-        "%s model %s, LLM-prompts '%s' (%d), %d classes x %d prompts x %d samples = %d answers: %d in the journal %s, %d to request",
-        identity["source"], identity["model"], templates.name, len(templates.prompts), len(classes.classnames),
-        len(templates.prompts), cfg.n_per_template, len(jobs), len(jobs) - len(missing), journal.path, len(missing),
-    )  # fmt: skip
+    # a concurrent run of the same plan waits here, then finds every answer in the journal
+    with exclusive_lock(plan_lock_path(params, jobs), f"the LLM answers of plan {plan_digest(jobs)}"):
+        answers = journal.load()
+        missing = [job for job in jobs if job.key not in answers]
+        log.info(
+            "%s model %s, LLM-prompts '%s' (%d), %d classes x %d prompts x %d samples = %d answers: %d in the journal %s, %d to request",
+            identity["source"], identity["model"], templates.name, len(templates.prompts), len(classes.classnames),
+            len(templates.prompts), cfg.n_per_template, len(jobs), len(jobs) - len(missing), journal.path, len(missing),
+        )  # fmt: skip
+        stats = _request_into_journal(params, missing, templates.system, sampling, journal, answers)
+    rows, dropped = _rows_from_answers(classes, jobs, answers, cfg.trim_truncated)
+    summary = _summary(params, classes, rows, dropped, stats, jobs, len(jobs) - len(missing), answers)
+    summary["templates"] = {"set": templates.name, "system": templates.system, "prompts": list(templates.prompts)}
+    summary["journal"] = str(journal.path)
+    return Descriptions(rows, summary)
+
+
+def plan_digest(jobs: list[SampleJob]) -> str:
+    return hashlib.sha256("\n".join(sorted(job.key for job in jobs)).encode()).hexdigest()[:24]
+
+
+def plan_lock_path(params: Params, jobs: list[SampleJob]) -> Path:
+    """One lock per set of planned answers: identical runs serialise, different ones do not wait."""
+    return journal_path(params).parent / "locks" / f"{plan_digest(jobs)}.lock"
+
+
+def _request_into_journal(params: Params, missing: list[SampleJob], system: str, sampling: Sampling, journal: Journal,
+                          answers: dict[str, dict[str, Any]]) -> RunStats:  # fmt: skip
+    """Request the missing answers, persisting each into the journal and `answers` as it arrives."""
 
     def persist(entries: list[dict[str, Any]]) -> None:
         journal.append(entries)
@@ -128,17 +153,12 @@ def generate_from_llm(params: Params, classes: ClassList) -> Descriptions:
 
     before = len(answers)
     try:
-        stats = _answer_missing(params, missing, templates.system, sampling, persist)
+        return _answer_missing(params, missing, system, sampling, persist)
     except BaseException:
         log.error("stopped with %d new answers saved in %s; rerun to resume: only missing answers are requested", len(answers) - before, journal.path)
         raise
     finally:
         journal.close()
-    rows, dropped = _rows_from_answers(classes, jobs, answers, cfg.trim_truncated)
-    summary = _summary(params, classes, rows, dropped, stats, jobs, len(jobs) - len(missing), answers)
-    summary["templates"] = {"set": templates.name, "system": templates.system, "prompts": list(templates.prompts)}
-    summary["journal"] = str(journal.path)
-    return Descriptions(rows, summary)
 
 
 def _rows_from_answers(classes: ClassList, jobs: list[SampleJob], answers: dict[str, dict[str, Any]], trim_truncated: bool) -> tuple[list[dict[str, Any]], Counter]:
@@ -178,30 +198,41 @@ def import_cupl(params: Params, classes: ClassList) -> Descriptions:
     cfg = params.prompts
     path = Path(cfg.file or "")
     tree = read_cupl_file(path)
-    match = match_classes(classes.classnames, list(tree), source=str(path))
+    # the loader's renames: a file keyed by EuroSAT's folder names still fits CoOp's class names
+    match = match_classes(classes.classnames, list(tree), source=str(path), renames=class_renames(classes.dataset))
+    cleaned = {key: clean_answers([(s, False) for s in tree[key]], cfg.trim_truncated) for key in set(match.keys.values())}
+    mark_empty(match, {key: len(result.kept) for key, result in cleaned.items()})
+    log_unused_keys(match, str(path))
     check_unmatched(classes.classnames, match, str(path), cfg.allow_unmatched)
-    now = datetime.now(timezone.utc)
-    rows: list[dict[str, Any]] = []
-    dropped: Counter = Counter()
-    base = {"dataset": classes.dataset, "temperature": None, "request_id": None, "prompt_tokens": None, "completion_tokens": None, "created_at": now}
-    for index, name in enumerate(classes.classnames):
-        if index in match.keys:
-            sentences = tree[match.keys[index]]
-            cleaned = clean_answers([(s, False) for s in sentences], cfg.trim_truncated)
-            dropped.update(cleaned.dropped)
-            for position, text in cleaned.kept:
-                rows.append({**base, "class_index": index, "class_name": name, "template": IMPORTED_TEMPLATE, "text": text,
-                             "raw_text": sentences[position], "source": f"cupl-json:{path.name}", "sample_index": position})  # fmt: skip
-        else:
-            text = FALLBACK_TEMPLATE.replace("{}", display_name(name))
-            rows.append({**base, "class_index": index, "class_name": name, "template": FALLBACK_TEMPLATE, "text": text,
-                         "raw_text": text, "source": FALLBACK_SOURCE, "sample_index": 0})  # fmt: skip
+    rows, dropped = _imported_rows(classes, tree, match, cleaned, f"cupl-json:{path.name}")
     summary = _summary(params, classes, rows, dropped, RunStats(), [], 0, {})
     summary["file"] = str(path)
     summary["matched_keys"] = {classes.classnames[i]: k for i, k in sorted(match.keys.items()) if classes.classnames[i] != k}
     summary["unmatched_classes"] = [classes.classnames[i] for i in match.unmatched]
+    summary["empty_file_keys"] = {classes.classnames[i]: k for i, k in sorted(match.empty_keys.items())}
     summary["unused_file_keys"] = match.unused_keys
     return Descriptions(rows, summary)
+
+
+def _imported_rows(classes: ClassList, tree: dict[str, list[str]], match: Match, cleaned: dict[str, CleanResult],
+                   source: str) -> tuple[list[dict[str, Any]], Counter]:  # fmt: skip
+    """The matched classes' cleaned sentences in file order; the fallback for the unmatched."""
+    base = {"dataset": classes.dataset, "temperature": None, "request_id": None, "prompt_tokens": None,
+            "completion_tokens": None, "created_at": datetime.now(timezone.utc)}  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    dropped: Counter = Counter()
+    for index, name in enumerate(classes.classnames):
+        if index in match.keys:
+            key = match.keys[index]
+            dropped.update(cleaned[key].dropped)
+            for position, text in cleaned[key].kept:
+                rows.append({**base, "class_index": index, "class_name": name, "template": IMPORTED_TEMPLATE, "text": text,
+                             "raw_text": tree[key][position], "source": source, "sample_index": position})  # fmt: skip
+        else:
+            text = FALLBACK_TEMPLATE.replace("{}", display_name(name))
+            rows.append({**base, "class_index": index, "class_name": name, "template": FALLBACK_TEMPLATE, "text": text,
+                         "raw_text": text, "source": FALLBACK_SOURCE, "sample_index": 0})  # fmt: skip
+    return rows, dropped
 
 
 # checks and summary ----------------------------------------------------------------------------------
@@ -212,15 +243,22 @@ def per_class_counts(classes: ClassList, rows: list[dict[str, Any]]) -> list[int
     return counts
 
 
-def check_min_per_class(classes: ClassList, counts: list[int], minimum: int, dropped: Counter) -> None:
+LLM_REMEDY = "Raise prompts.n_per_template (answers already obtained are kept in the journal; only the new samples are requested)"
+
+
+def file_remedy(path: str) -> str:
+    return f"Add descriptions for those classes to {path}"
+
+
+def check_min_per_class(classes: ClassList, counts: list[int], minimum: int, dropped: Counter, remedy: str = LLM_REMEDY) -> None:
+    """`remedy` says how the source gets more descriptions (more samples, or a fuller file)."""
     short = [(i, classes.classnames[i], n) for i, n in enumerate(counts) if n < minimum]
     if short:
         listed = ", ".join(f"'{name}' (class {i}: {n})" for i, name, n in short[:20])
         more = f" and {len(short) - 20} more" if len(short) > 20 else ""
         raise TooFewDescriptionsError(
             f"{len(short)} class(es) kept fewer than prompts.min_per_class={minimum} descriptions after cleaning: "
-            f"{listed}{more}. Dropped overall: {dict(dropped) or 'none'}. Raise prompts.n_per_template (answers "
-            "already obtained are kept in the journal; only the new samples are requested), or lower prompts.min_per_class"
+            f"{listed}{more}. Dropped overall: {dict(dropped) or 'none'}. {remedy}, or lower prompts.min_per_class"
         )
 
 
@@ -277,8 +315,9 @@ def build_descriptions(params: Params, classes: ClassList) -> Descriptions:
     result = import_cupl(params, classes) if params.prompts.source == "cupl-json" else generate_from_llm(params, classes)
     counts = per_class_counts(classes, result.rows)
     fallback = {r["class_index"] for r in result.rows if r["source"] == FALLBACK_SOURCE}
+    remedy = file_remedy(str(params.prompts.file)) if params.prompts.source == "cupl-json" else LLM_REMEDY
     check_min_per_class(classes, [max(n, params.prompts.min_per_class) if i in fallback else n for i, n in enumerate(counts)],
-                        params.prompts.min_per_class, Counter(result.summary["dropped"]))  # fmt: skip
+                        params.prompts.min_per_class, Counter(result.summary["dropped"]), remedy)  # fmt: skip
     return result
 
 

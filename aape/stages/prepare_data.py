@@ -18,9 +18,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from aape.atomic import atomic_write_json
 from aape.config import Params
 from aape.data.images import DataError, UnreadableImageError
-from aape.data.manifests import write_json, write_manifest
+from aape.data.manifests import write_manifest
 from aape.data.protocol import Shortfall, cap_per_class, class_plan, draw_fewshot
 from aape.data.records import SPLITS, DatasetSplits, MissingImagesError, Record, dataset_hash, find_missing_files
 from aape.data.registry import build_dataset, canonical_name
@@ -156,7 +157,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         draws, test, shortfalls = _plan_checked(splits, params, train_classes, skipped)
 
         meta = {"dataset": splits.name, "split_hash": source_hash, "image_root": splits.image_root}
-        outputs = [write_json(layout.classes_file, _classes_json(splits, params, train_classes, eval_sets, source_hash, len(skipped)))]
+        outputs = [atomic_write_json(layout.classes_file, _classes_json(splits, params, train_classes, eval_sets, source_hash, len(skipped)))]
         for name, records in (("train", splits.train), ("val", splits.val), ("test", test)):
             outputs.append(write_manifest(records, layout.split_manifest(name), {**meta, "split": name}))
         for seed, parts in draws.items():
@@ -164,7 +165,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
                 shots = cfg.shots if name == "train" else cfg.effective_val_shots
                 info = {**meta, "split": name, "seed": seed, "shots": shots, "protocol": cfg.protocol, "classes": train_classes}
                 outputs.append(write_manifest(records, layout.fewshot_manifest(seed, name), info))
-        outputs.append(write_json(layout.data / SKIP_REPORT, skipped))
+        outputs.append(atomic_write_json(layout.data / SKIP_REPORT, skipped))
         summary["outputs"] += [str(p) for p in outputs]
 
         counts = {"train": len(splits.train), "val": len(splits.val), "test": len(test)}

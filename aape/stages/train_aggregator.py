@@ -18,8 +18,7 @@ from aape.config import Params
 from aape.layout import Layout
 from aape.logs import stage
 from aape.method.aggregator import aggregator_from_config, save_aggregator
-from aape.atomic import atomic_write_json
-from aape.method.checkpoint import atomic_save_tensors
+from aape.atomic import atomic_save_tensors, atomic_write_json
 from aape.method.inputs import description_bank, load_seed_inputs, read_classes, remove_quietly
 from aape.method.objectives import RewardObjective, compute_summaries, seeded, summarize_images, train_aggregator
 from aape.tracking import NullTracker, Tracker
