@@ -29,6 +29,7 @@ from aape.errors import report_errors
 from aape.logs import setup_logging
 from aape.preflight import preflight
 from aape.stages import STAGES, stage_function
+from aape.tracking import run_stage_tracked
 
 log = logging.getLogger("aape.cli")
 
@@ -80,12 +81,7 @@ def _run_stages(names: list[str], params: Params, track: bool | None) -> dict:
     summaries: dict[str, dict] = {}
     with _tracker_context(params, track, run_name=f"{params.run.name}:{'+'.join(names) if len(names) < 3 else 'pipeline'}") as tracker:
         for name in names:
-            fn = stage_function(name)
-            if tracker is None:
-                summaries[name] = fn(params)
-            else:
-                with tracker.child(name, tags={"stage": name}) as child:
-                    summaries[name] = fn(params, tracker=child)
+            summaries[name] = run_stage_tracked(name, stage_function(name), params, tracker)
     return summaries
 
 

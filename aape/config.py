@@ -7,8 +7,6 @@ is allowed, so a typo in params.yaml never silently falls back to a default.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -332,12 +330,6 @@ class Params(_Section):
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for experiment trackers."""
         return flatten(self.model_dump(mode="json"))
-
-    def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named sections (all when none), for cache keys and run names."""
-        dump = self.model_dump(mode="json")
-        chosen = {s: dump[s] for s in sections} if sections else dump
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 
 class Tracker(Protocol):
@@ -71,3 +71,13 @@ class RecordingTracker(NullTracker):
         sub.tags.update(tags or {})
         self.children.append(sub)
         yield sub
+
+
+def run_stage_tracked(name: str, fn: Callable[..., dict[str, Any]], params: Any, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Run stage function `fn` (stage `name`) on `params`; with a tracker, inside a child run of it
+    named after the stage and tagged stage=<name>, which the stage reports to. The CLI and the
+    Prefect tasks run every stage through this."""
+    if tracker is None:
+        return fn(params)
+    with tracker.child(name, tags={"stage": name}) as child:
+        return fn(params, tracker=child)

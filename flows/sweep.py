@@ -7,7 +7,6 @@ prompts and backbones are shared through the content-keyed cache, so cells cost 
 from __future__ import annotations
 
 import json
-import statistics
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from aape.config import load_params
+from aape.evaluation.metrics import mean_std
 from aape.preflight import preflight
 from flows.pipeline import build_overrides, pipeline
 
@@ -26,7 +26,8 @@ def cell_output_dir(dataset: str, variant: str, seed: int) -> str:
 
 
 def summarise(cells: list[dict[str, Any]]) -> str:
-    """Markdown table: mean ± std over seeds of every metric, per dataset × variant."""
+    """Markdown table: mean ± std over seeds of every metric, per dataset × variant; the std is the
+    population std of the evaluation's own tables (aape.evaluation.metrics.mean_std)."""
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
     for cell in cells:
         groups.setdefault((cell["dataset"], cell["variant"]), []).append(cell["metrics"])
@@ -35,12 +36,8 @@ def summarise(cells: list[dict[str, Any]]) -> str:
     for (dataset, variant), runs in sorted(groups.items()):
         row = []
         for name in names:
-            values = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
-            if not values:
-                row.append("")
-            else:
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                row.append(f"{statistics.fmean(values):.2f} ± {spread:.2f}")
+            stats = mean_std(r[name] for r in runs if isinstance(r.get(name), (int, float)))
+            row.append(f"{stats.mean:.2f} ± {stats.std:.2f}" if stats.n else "")
         lines.append(f"| {dataset} | {variant} | {len(runs)} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

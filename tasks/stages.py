@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from aape.config import Params
 from aape.stages import STAGES, stage_function
+from aape.tracking import run_stage_tracked
 
 # LLM calls fail transiently (rate limits, timeouts): retry the stage; its journal makes a retry
 # send only the requests that are still missing.
@@ -17,11 +18,7 @@ RETRIES = {"generate-prompts": 2}
 
 def run_stage(name: str, params: Params, tracker: Any = None) -> dict[str, Any]:
     """Run stage `name`, in a nested tracking run when a tracker is given."""
-    fn = stage_function(name)
-    if tracker is None:
-        return fn(params)
-    with tracker.child(name, tags={"stage": name}) as child:
-        return fn(params, tracker=child)
+    return run_stage_tracked(name, stage_function(name), params, tracker)
 
 
 def _make_task(name: str):

@@ -1,7 +1,5 @@
 """The backbone factory: real architectures by name, explicit random init, fast failure without weights."""
 
-import time
-
 import pytest
 import torch
 
@@ -20,19 +18,17 @@ def test_tiny_backbone_builds_fast_and_embeds_normalised(tiny_backbone):
     assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
 
 
-def test_tiny_backbone_build_time():
-    start = time.perf_counter()
-    load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu")
-    assert time.perf_counter() - start < 3.0
-
-
 def test_unreachable_pretrained_weights_fail_fast_with_instructions(monkeypatch):
+    # "fast" is checked by what happens, not by a clock: the offline setting is honoured before any
+    # download is tried (speed belongs in benchmarks/, not in a unit test on a shared machine)
+    import open_clip
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("tried to build or download the model"))
     with pytest.raises(BackboneError) as err:
         load_backbone(BackboneConfig(model="ViT-B-16", pretrained="openai"), device="cpu")
-    assert time.perf_counter() - start < 10.0
     message = str(err.value)
+    assert "are not in the local cache and HF_HUB_OFFLINE is set" in message
     assert "ViT-B-16/openai" in message
     assert "backbone.pretrained: /path/to/checkpoint" in message and "random-init" in message
 

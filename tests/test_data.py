@@ -17,6 +17,7 @@ from PIL import Image
 from aape.atomic import current_umask
 from aape.config import DataConfig, load_params
 from aape.data import (
+    ClassesManifest,
     DataError,
     Record,
     base_new_split,
@@ -26,7 +27,6 @@ from aape.data import (
     dataset_hash,
     draw_fewshot,
     manifest_metadata,
-    read_classes,
 )
 from aape.data.demo import DEMO_CLASSNAMES, ensure_demo_mnist
 from aape.labels import LabelMismatchError, to_local
@@ -202,7 +202,7 @@ def test_draws_are_identical_when_the_data_sits_in_two_directories(tmp_path):
         layout = Layout.from_params(params)
         results.append(
             {
-                "hash": read_classes(layout.classes_file)["split_hash"],
+                "hash": ClassesManifest.read(layout.classes_file).split_hash,
                 **{f"{s}-{p}": pd.read_parquet(layout.fewshot_manifest(s, p)) for s in (1, 2) for p in ("train", "val")},
             }
         )
@@ -221,14 +221,19 @@ def test_prepare_data_on_the_demo_writes_the_contract(demo_root, tmp_path, monke
     params = stage_params(tmp_path, "data.root=.", "run.seeds=[1,3]", "data.shots=3", "data.test_per_class=7")
     summary = run(params)
     layout = Layout.from_params(params)
-    classes = read_classes(layout.classes_file)
-    assert classes["dataset"] == "demo-mnist" and classes["image_root"] == "demo-mnist/images"
-    assert classes["classnames"] == DEMO_CLASSNAMES
-    assert classes["train_classes"] == [0, 1, 2, 3, 4]
-    assert classes["eval_sets"] == {"base": [0, 1, 2, 3, 4], "new": [5, 6, 7, 8, 9]}
-    assert classes["seeds"] == [1, 3] and classes["shots"] == 3
+    classes = ClassesManifest.read(layout.classes_file)
+    assert classes.dataset == "demo-mnist" and classes.image_root == "demo-mnist/images"
+    assert classes.classnames == DEMO_CLASSNAMES
+    assert classes.train_classes == [0, 1, 2, 3, 4]
+    assert classes.eval_sets == {"base": [0, 1, 2, 3, 4], "new": [5, 6, 7, 8, 9]}
+    assert classes.seeds == [1, 3] and classes.shots == 3
+    assert classes.val_shots == 3 and classes.test_per_class == 7 and classes.skipped_images == 0
     splits = build_dataset(DataConfig(dataset="demo-mnist", root="."))
-    assert classes["split_hash"] == dataset_hash(splits)
+    assert classes.split_hash == dataset_hash(splits)
+    assert classes.split_source == splits.split_source and classes.official_split is splits.official_split
+    raw = json.loads(layout.classes_file.read_text())  # the file keeps the documented keys, num_classes included
+    assert list(raw)[:9] == ["dataset", "image_root", "classnames", "protocol", "train_classes", "eval_sets", "split_hash", "seeds", "shots"]
+    assert raw["num_classes"] == 10
 
     test = pd.read_parquet(layout.split_manifest("test"))
     assert test.label.value_counts().to_dict() == {c: 7 for c in range(10)}
@@ -242,7 +247,7 @@ def test_prepare_data_on_the_demo_writes_the_contract(demo_root, tmp_path, monke
         assert not train.path.str.startswith("/").any()
         assert set(train.path) <= {r.path for r in splits.train} and set(val.path) <= {r.path for r in splits.val}
         meta = manifest_metadata(layout.fewshot_manifest(seed, "train"))
-        assert meta["seed"] == seed and meta["split_hash"] == classes["split_hash"] and meta["shots"] == 3
+        assert meta["seed"] == seed and meta["split_hash"] == classes.split_hash and meta["shots"] == 3
     assert json.loads((layout.data / "skipped.json").read_text()) == []
     assert summary["num_classes"] == 10 and summary["eval_sets"] == {"base": 5, "new": 5}
     assert summary["counts"] == {"train": 2500, "val": 1000, "test": 70}
@@ -260,7 +265,7 @@ def test_fewshot_protocol_trains_on_every_class_and_val_is_capped_at_four(demo_r
     assert tracker.tags["dataset"] == "demo-mnist" and tracker.tags["split_official"] == "true"
     assert ("data/num_classes", 10.0, None) in tracker.metrics and ("data/test_images", 1500.0, None) in tracker.metrics
     layout = Layout.from_params(params)
-    classes = read_classes(layout.classes_file)
-    assert classes["train_classes"] == list(range(10)) and classes["eval_sets"] == {"all": list(range(10))}
+    classes = ClassesManifest.read(layout.classes_file)
+    assert classes.protocol == "fewshot" and classes.train_classes == list(range(10)) and classes.eval_sets == {"all": list(range(10))}
     assert pd.read_parquet(layout.fewshot_manifest(2, "train")).label.value_counts().to_dict() == {c: 8 for c in range(10)}
     assert pd.read_parquet(layout.fewshot_manifest(2, "val")).label.value_counts().to_dict() == {c: 4 for c in range(10)}

@@ -180,17 +180,73 @@ def test_data_image_size_sets_both_transforms():
     assert backbone.train_transform(image).shape == (3, 48, 48)
 
 
-def test_classes_file_reader_names_the_file_and_the_missing_keys(tmp_path):
-    """Every stage reads data/classes.json through this one reader."""
+CLASSES = {"dataset": "eurosat", "image_root": "data/eurosat/2750", "classnames": ["Forest", "River", "Sea"],
+           "protocol": "base2new", "train_classes": [0, 1], "eval_sets": {"base": [0, 1], "new": [2]},
+           "split_hash": "abc", "seeds": [1, 2], "shots": 4}  # fmt: skip
+
+
+def test_classes_manifest_reads_the_contract_into_one_typed_object(tmp_path):
+    """Every stage reads data/classes.json through ClassesManifest.read."""
+    from aape.data import ClassesManifest
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({**CLASSES, "val_shots": 4, "test_per_class": None, "num_classes": 3, "notes": ["n"],
+                                "official_split": True, "split_source": "CoOp's split", "skipped_images": 2, "later": 1}))
+    manifest = ClassesManifest.read(path)
+    assert manifest.path == path and manifest.dataset == "eurosat" and manifest.shots == 4 and manifest.seeds == [1, 2]
+    assert manifest.train_classes == [0, 1] and manifest.eval_sets == {"base": [0, 1], "new": [2]}
+    assert manifest.train_classnames == ["Forest", "River"] and manifest.num_classes == 3
+    assert (manifest.val_shots, manifest.test_per_class, manifest.skipped_images, manifest.official_split) == (4, None, 2, True)
+    with pytest.raises(AttributeError):  # frozen
+        manifest.shots = 16  # type: ignore[misc]
+    # the writer and the reader agree: what prepare-data writes reads back equal
+    again = ClassesManifest.read(manifest.write(tmp_path / "copy.json"))
+    assert again == manifest and json.loads((tmp_path / "copy.json").read_text())["num_classes"] == 3
+    path.write_text(json.dumps(CLASSES))  # the additions are optional
+    assert ClassesManifest.read(path).notes == [] and ClassesManifest.read(path).val_shots is None
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"classes.json does not exist; run `aape prepare-data` first"),
+        ("{not json", r"classes.json is not valid JSON .*rerun `aape prepare-data`"),
+        ("[1, 2]", r"classes.json must hold a JSON object; rerun `aape prepare-data`"),
+        ({k: v for k, v in CLASSES.items() if k not in ("shots", "train_classes")}, r"classes.json lacks the key\(s\) train_classes, shots; rerun `aape prepare-data`"),
+        ({**CLASSES, "shots": "4"}, r"classes.json: key 'shots' must be an integer >= 1 \(found '4'\); rerun `aape prepare-data`"),
+        ({**CLASSES, "shots": True}, r"key 'shots' must be an integer >= 1"),
+        ({**CLASSES, "classnames": ["Forest", ""]}, r"key 'classnames' must be a non-empty list of non-empty strings"),
+        ({**CLASSES, "protocol": "zero-shot"}, r"key 'protocol' must be one of base2new, fewshot"),
+        ({**CLASSES, "eval_sets": {"base": "0, 1"}}, r"key 'eval_sets' must map each eval set's name to a list of integer labels"),
+        ({**CLASSES, "eval_sets": {"base": [0, 1], "new": [3]}}, r"key 'eval_sets.new' holds labels \[3\] outside the 3 classes"),
+        ({**CLASSES, "train_classes": [-1]}, r"key 'train_classes' holds labels \[-1\] outside the 3 classes"),
+        ({**CLASSES, "train_classes": []}, r"key 'train_classes' is empty"),
+    ],
+)
+def test_classes_manifest_errors_name_the_file_and_say_to_rerun_prepare_data(tmp_path, content, message):
+    from aape.data import ClassesManifest, ClassesManifestError
+    from aape.errors import AAPEError
+
+    path = tmp_path / "data" / "classes.json"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ClassesManifestError, match=message) as err:
+        ClassesManifest.read(path)
+    assert isinstance(err.value, AAPEError) and isinstance(err.value, DataError) and str(path) in str(err.value)
+
+
+def test_class_names_need_only_the_dataset_and_the_names(tmp_path):
+    """generate-prompts reads just these (hand-made files with only them are accepted there)."""
+    from aape.data import ClassesManifest, ClassesManifestError, ClassNames
     from aape.data.manifests import read_classes
 
     path = tmp_path / "classes.json"
-    with pytest.raises(DataError, match="prepare-data"):
-        read_classes(path)
-    path.write_text("[1, 2]")
-    with pytest.raises(DataError, match="JSON object"):
-        read_classes(path)
-    path.write_text('{"dataset": "eurosat"}')
-    with pytest.raises(DataError, match=r"lacks the key\(s\) classnames, image_root"):
-        read_classes(path, required=("dataset", "classnames", "image_root"))
-    assert read_classes(path, required=("dataset",)) == {"dataset": "eurosat"}
+    path.write_text(json.dumps({"dataset": "eurosat", "classnames": ["Forest", "River"]}))
+    assert ClassNames.read(path) == ClassNames("eurosat", ["Forest", "River"])
+    with pytest.raises(ClassesManifestError, match=r"lacks the key\(s\) image_root, protocol"):
+        ClassesManifest.read(path)
+    # the raw view kept for aape.prompts.generate fails the same way
+    with pytest.raises(ClassesManifestError, match=r"lacks the key\(s\) image_root"):
+        read_classes(path, required=("dataset", "image_root"))
+    assert read_classes(path, required=("dataset",))["dataset"] == "eurosat"

@@ -3,8 +3,6 @@ and the tables, metric names and metrics.json that MLflow and DVC compare."""
 
 import math
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -57,8 +55,12 @@ def test_harmonic_mean_matches_the_formula_and_edge_cases():
 
 
 def test_mean_std_is_population_std_and_ignores_undefined_values():
+    # aape/evaluation/metrics.py (and docs/architecture.md, the report's footnote) define the spread
+    # over seeds as the population std, sqrt(sum((x - mean)^2) / n), as CoOp's tables report it:
+    # for 1, 2, 3 that is sqrt(2/3) = 0.816, where the sample std (n - 1) would be 1.0.
     stats = mean_std([1.0, 2.0, 3.0, float("nan")])
-    assert stats.mean == pytest.approx(2.0) and stats.std == pytest.approx(np.std([1, 2, 3])) and stats.n == 3
+    assert stats.mean == pytest.approx(2.0) and stats.std == pytest.approx(math.sqrt(2 / 3)) and stats.n == 3
+    assert mean_std([70.0, 72.0]).std == pytest.approx(1.0)  # sample std: 1.414
     assert mean_std([70.0]).std == 0.0
     assert math.isnan(mean_std([float("nan")]).mean)
     assert str(MeanStd(71.234, 0.5, 3)) == "71.23 ± 0.50" and str(MeanStd(71.234, 0.0, 1)) == "71.23"
@@ -141,4 +143,5 @@ def test_a_method_that_cannot_score_a_set_is_reported_not_applicable():
     frame = results_frame([outcome], shots=4, backbone="b", random_init=False)
     assert math.isnan(frame.loc[0, "accuracy"]) and frame.loc[0, "note"] == "never saw these classes"
     assert per_class_frame([outcome]).empty
-    assert isinstance(frame, pd.DataFrame)
+    row = frame.loc[0, ["scope", "dataset", "method", "seed", "eval_set", "correct", "total", "num_classes", "shots", "backbone", "random_init"]]
+    assert row.tolist() == ["base2new", "toy", "linear-probe", 1, "new", 0, 0, 2, 4, "b", False]  # nothing scored, not zeros guessed

@@ -78,14 +78,28 @@ def test_plots_are_listed_with_relative_links():
 
 
 def _png(path):
+    """(width, height) and the RGB pixels of a written figure."""
     with Image.open(path) as image:
-        return image.size
+        assert image.format == "PNG"
+        return image.size, np.asarray(image.convert("RGB"), dtype=float)
+
+
+def _assert_drawn(path, height_in: float):
+    """A real figure: about `height_in` inches tall at the plots' DPI (the tight bounding box trims
+    or adds a little), and not blank: its pixels vary and some of them carry ink."""
+    (width, height), pixels = _png(path)
+    assert abs(height - height_in * plots._DPI) <= 0.15 * height_in * plots._DPI, (width, height)
+    assert width > 2 * plots._DPI
+    assert pixels.std() > 10, "a blank (one-colour) image"
+    assert (pixels < 200).any(axis=-1).mean() > 0.005, "nothing drawn on the canvas"
+    return pixels
 
 
 def test_accuracy_vs_shots_says_when_there_is_no_curve(tmp_path):
     single = pd.DataFrame({"method": ["aape", "zeroshot"], "shots": [16, 16], "mean": [70.0, 60.0], "std": [1.0, 0.0]})
     path, remark = plots.accuracy_vs_shots(single, "H (%)", tmp_path / "shots.png", "eurosat")
-    assert _png(path)[0] > 100 and "only 16 shots" in remark
+    _assert_drawn(path, height_in=4.2)
+    assert "only 16 shots" in remark
     curve = pd.DataFrame({"method": ["aape"] * 3, "shots": [1, 4, 16], "mean": [50.0, 60.0, 70.0], "std": [1.0] * 3})
     _, remark = plots.accuracy_vs_shots(curve, "H (%)", tmp_path / "curve.png", "eurosat")
     assert "3 shot counts: 1, 4, 16" in remark
@@ -96,10 +110,22 @@ def test_per_class_bars_and_confusion(tmp_path):
         "method": ["zeroshot", "aape"] * 3, "class_name": ["a", "a", "b", "b", "c", "c"],
         "accuracy": [10.0, 90.0, 50.0, 60.0, 70.0, 20.0],
     })
-    assert _png(plots.per_class_bars(per_class, ["zeroshot", "aape"], tmp_path / "bars.png", "t"))[1] > 100
+    _assert_drawn(plots.per_class_bars(per_class, ["zeroshot", "aape"], tmp_path / "bars.png", "t"), height_in=2.5)
+    many = pd.DataFrame({"method": ["zeroshot", "aape"] * 30, "class_name": [f"class {i // 2}" for i in range(60)],
+                         "accuracy": np.linspace(0.0, 100.0, 60)})  # fmt: skip
+    bars_3, bars_30 = _png(tmp_path / "bars.png")[0], _png(plots.per_class_bars(many, ["zeroshot", "aape"], tmp_path / "bars30.png", "t"))[0]
+    assert bars_30[1] > 2 * bars_3[1], "the bar chart grows with the number of classes"
+
     matrix = np.diag([5, 4, 3]) + np.array([[0, 1, 0], [0, 0, 2], [0, 0, 0]])
     path, remark = plots.confusion(matrix, ["a", "b", "c"], tmp_path / "cm.png", "t", max_classes=50)
-    assert remark == "" and _png(path)[0] > 100
+    assert remark == ""
+    drawn = _assert_drawn(path, height_in=4.0)
+    # the figure shows the matrix: other counts, same classes and size, give other pixels
+    swapped, _ = plots.confusion(matrix[::-1].copy(), ["a", "b", "c"], tmp_path / "cm_swapped.png", "t", max_classes=50)
+    other = _assert_drawn(swapped, height_in=4.0)
+    assert other.shape == drawn.shape and np.abs(other - drawn).mean() > 1.0
+    again, _ = plots.confusion(matrix, ["a", "b", "c"], tmp_path / "cm_again.png", "t", max_classes=50)
+    assert np.array_equal(_png(again)[1], drawn)  # and the same counts the same pixels
     big = np.eye(60, dtype=int) * 5
     big[3, 4] = big[10, 2] = 7
     _, remark = plots.confusion(big, [f"c{i}" for i in range(60)], tmp_path / "cm_big.png", "t", max_classes=10)
@@ -110,6 +136,10 @@ def test_attention_figure(tmp_path):
     weights = np.random.default_rng(0).dirichlet(np.ones(7), size=3)
     path = plots.attention_over_descriptions(weights, [f"description {i}" for i in range(7)], ["img a", "img b", "img c"],
                                              tmp_path / "att.png", "attention")
-    assert _png(path)[0] > 100
+    drawn = _assert_drawn(path, height_in=1.5 + 0.5 * 3 + 0.09 * 7)
+    reordered = plots.attention_over_descriptions(weights[:, ::-1].copy(), [f"description {i}" for i in range(7)],
+                                                  ["img a", "img b", "img c"], tmp_path / "reordered.png", "attention")  # fmt: skip
+    other = _png(reordered)[1]
+    assert other.shape == drawn.shape and np.abs(other - drawn).mean() > 1.0, "the heat map shows the weights"
     with pytest.raises(ValueError, match="3x7 but there are 1 image labels and 1 descriptions"):
         plots.attention_over_descriptions(weights, ["too few"], ["img"], tmp_path / "bad.png", "attention")

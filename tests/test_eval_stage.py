@@ -106,7 +106,7 @@ def evaluated(tmp_path_factory):
 def test_every_method_and_seed_is_evaluated_with_the_same_metric_names(evaluated):
     params, layout, tracker, summary = evaluated
     results = pd.read_parquet(layout.eval / "results.parquet")
-    assert len(results) == 6 * 2 * 2  # methods x seeds x {base, new}
+    assert len(results) == len(EVAL_METHODS) * len(params.run.seeds) * 2  # methods x seeds x {base, new}
     assert set(results["method"]) == set(EVAL_METHODS) and set(results["eval_set"]) == {"base", "new"}
     assert (results["random_init"]).all() and (results["shots"] == 4).all()
     assert results.loc[results["eval_set"] == "base", "total"].eq(30).all()
@@ -342,7 +342,7 @@ def test_text_features_without_the_zeroshot_prompts_ask_for_a_re_extraction(tmp_
 
 
 def test_cross_dataset_baselines_use_the_target_dataset_templates(tmp_path):
-    from aape.evaluation.protocols import ClassesInfo
+    from aape.data.manifests import ClassesManifest
     from aape.evaluation.transfer import load_transfer_targets
     from aape.features import load_bundle, text_features
     from aape.features.text_encoder import class_template_features
@@ -354,7 +354,7 @@ def test_cross_dataset_baselines_use_the_target_dataset_templates(tmp_path):
             _images(tmp_path / "data" / "cifar10" / split / name, n)
     params = _params(tmp_path, "evaluation.cross_datasets=[cifar10]", "features.zeroshot_template='itap of a {}.'")
     layout = write_run(params)
-    (target,) = load_transfer_targets(params, layout, ClassesInfo.read(layout), load_bundle(layout, 1))
+    (target,) = load_transfer_targets(params, layout, ClassesManifest.read(layout.classes_file), load_bundle(layout, 1))
     backbone = load_backbone(params.backbone, "cpu")
     names = target.classnames
     assert torch.allclose(target.class_zeroshot, text_features(backbone, [f"itap of a {c}." for c in names], tmp_path / "c"), atol=1e-5)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from aape.data.images import UnreadableImageError, open_image
+from aape.data.manifests import ClassesManifest, ClassesManifestError
 from aape.features import FeatureError, image_features, load_bundle, text_features
 from aape.features import bundle as bundle_mod
 from aape.features.cache import CacheEntry
@@ -59,8 +60,9 @@ def run_params(tiny_params, image_dir: Path):
     """A prepared run (classes.json, manifests, descriptions) for the tiny backbone, seeds [1]."""
     layout = Layout.from_params(tiny_params)
     layout.data.mkdir(parents=True)
-    classes = {"dataset": "toy", "image_root": str(image_dir), "classnames": CLASSNAMES, "seeds": [1]}
-    layout.classes_file.write_text(json.dumps(classes))
+    everything = list(range(len(CLASSNAMES)))
+    ClassesManifest(dataset="toy", image_root=str(image_dir), classnames=CLASSNAMES, protocol="fewshot", train_classes=everything,
+                    eval_sets={"all": everything}, split_hash="0", seeds=[1], shots=2).write(layout.classes_file)  # fmt: skip
     paths = _rel_paths(image_dir)
     _manifest([p for p in paths if p.split("/")[1] in ("3.png", "4.png")]).to_parquet(layout.split_manifest("test"))
     for split, names in (("train", ("0.png", "1.png")), ("val", ("2.png",))):
@@ -434,7 +436,7 @@ def test_load_bundle_names_what_is_missing(run_params, stage_backbone):
 
 
 def test_stage_reports_missing_inputs(tiny_params, stage_backbone):
-    with pytest.raises(FeatureError, match="prepare-data"):
+    with pytest.raises(ClassesManifestError, match=r"classes.json does not exist; run `aape prepare-data`"):
         extract_features.run(tiny_params)
 
 

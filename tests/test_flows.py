@@ -107,14 +107,20 @@ def test_failed_stage_fails_the_flow_and_marks_the_run_failed(prefect_server, mo
     assert "train-aggregator" not in status
 
 
-def test_sweep_summary_table_has_mean_and_std():
+def test_sweep_summary_table_has_mean_and_population_std():
+    """The sweep's ± is the evaluation's: the population std over seeds (docs/architecture.md), so
+    70 and 72 give 1.00, not the sample std's 1.41; a metric a cell lacks leaves its cell empty."""
     from flows.sweep import summarise
 
     cells = [
         {"dataset": "eurosat", "variant": "attention", "seed": s, "metrics": {"H": h}} for s, h in [(1, 70.0), (2, 72.0)]
+    ] + [{"dataset": "dtd", "variant": "mean", "seed": 1, "metrics": {"accuracy": 40.0}}]
+    assert summarise(cells).splitlines() == [
+        "| dataset | aggregator | seeds | H | accuracy |",
+        "|---|---|---|---|---|",
+        "| dtd | mean | 1 |  | 40.00 ± 0.00 |",
+        "| eurosat | attention | 2 | 71.00 ± 1.00 |  |",
     ]
-    table = summarise(cells)
-    assert "| eurosat | attention | 2 | 71.00 ± 1.41 |" in table
 
 
 def test_flow_preflight_fails_before_any_stage(prefect_server, monkeypatch, tmp_path):

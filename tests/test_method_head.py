@@ -119,7 +119,9 @@ def test_logits_are_scaled_cosines_and_prompt_embedding_is_h():
     x, w = _inputs(4, 5, 48)
     logits = model.logits(x, w)
     assert logits.abs().max() <= 50.0 + 1e-9  # |cos| <= 1 times logit_scale
-    torch.testing.assert_close(model.prompt_embedding(x), model.generator.net(x))
+    first, second = model.generator.net[0], model.generator.net[2]
+    by_hand = torch.relu(x @ first.weight.T + first.bias) @ second.weight.T + second.bias  # h = W2·ReLU(W1·x + b1) + b2
+    torch.testing.assert_close(model.prompt_embedding(x), by_hand)
 
 
 def test_head_output_depends_on_the_image_through_h():

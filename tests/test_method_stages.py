@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from aape.atomic import atomic_save_tensors
 from aape.config import load_params
+from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.method import AAPEModel, MissingDescriptionsError, load_aggregator
 from aape.method.inputs import StageInputError
@@ -179,6 +181,20 @@ def test_best_on_validation_is_kept_when_asked(artifacts):
     assert meta["best_val_loss"] == pytest.approx(best["val_loss"])
 
 
+def test_both_stages_take_shots_and_dataset_from_the_prepared_data_not_params(artifacts):
+    """CoOp's epoch count follows the shots the few-shot draws were made with (classes.json), even when
+    params.data.shots says otherwise now (say, a `-s data.shots=16` override on a later stage)."""
+    params = _params(artifacts, "data.shots=16", "aggregator.schedule.epochs=auto", "generator.schedule.epochs=auto",
+                     "evaluation.methods=[aape]")  # fmt: skip
+    layout = Layout.from_params(params)
+    prepared = ClassesManifest.read(layout.classes_file)
+    dataclasses.replace(prepared, shots=1).write(layout.classes_file)  # drawn with 1 shot: CoOp's 50 epochs
+    train_aggregator.run(params)
+    distill_generator.run(params)
+    assert json.loads((layout.aggregator / "seed1" / "aggregator.json").read_text())["epochs"] == 50
+    assert json.loads((layout.generator / "seed1" / "generator.json").read_text())["epochs"] == 50
+
+
 def test_nodistill_is_skipped_when_evaluation_does_not_ask_for_it(artifacts):
     params = _params(artifacts, "evaluation.methods=[aape]")
     train_aggregator.run(params)
@@ -194,7 +210,10 @@ def test_every_aggregator_variant_runs_through_both_stages(artifacts, variant):
     assert meta["variant"] == variant
     assert meta["epochs"] == (0 if variant in ("mean", "random") else 4)
     assert summary["val_reward_mean"] > 0
-    distill_generator.run(params)
+    distilled = distill_generator.run(params)
+    generator = json.loads((Layout.from_params(params).generator / "seed1" / "generator.json").read_text())
+    assert generator["aggregator_variant"] == variant and generator["lambda_distill"] > 0  # trained on this variant's p^a
+    assert 0.0 <= distilled["per_seed"][1]["aape"]["best_val_accuracy"] <= 1.0
 
 
 def test_distillation_without_aggregator_output_says_which_stage_to_run(artifacts):

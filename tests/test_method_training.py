@@ -134,6 +134,29 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, world, summ
     assert strip(result.history) == strip(straight_result.history)
 
 
+def test_an_interrupted_best_val_run_resumes_to_the_same_selection(tmp_path, world, summaries, monkeypatch):
+    """The resume state carries the selection too: the kept epoch, its weights and figures, and the
+    untrained model's figures come out as in a straight run."""
+    schedule = ScheduleConfig(epochs=12, batch_size=8, select="best-val")
+    straight, straight_result = _train(world, summaries, 5.0, schedule=schedule)
+    resume, calls, original = tmp_path / "resume.pt", {"n": 0}, DistillObjective.loss
+
+    def crash_in_epoch_8(self, model, items, views):
+        calls["n"] += 1
+        if calls["n"] == 7 * 5 + 3:
+            raise _Interrupt
+        return original(self, model, items, views)
+
+    monkeypatch.setattr(DistillObjective, "loss", crash_in_epoch_8)
+    with pytest.raises(_Interrupt):
+        _train(world, summaries, 5.0, schedule=schedule, resume_path=resume, fingerprint="best")
+    monkeypatch.setattr(DistillObjective, "loss", original)
+    resumed, result = _train(world, summaries, 5.0, schedule=schedule, resume_path=resume, fingerprint="best")
+    assert result.resumed_from == 7 and _same_weights(straight, resumed)
+    assert (result.best_epoch, result.best_figures, result.initial) == (straight_result.best_epoch, straight_result.best_figures, straight_result.initial)
+    assert all(torch.equal(straight_result.best_state[k], v) for k, v in result.best_state.items())
+
+
 def test_a_resume_state_of_another_configuration_is_ignored(tmp_path, world, summaries):
     resume = tmp_path / "resume.pt"
     _train(world, summaries, 5.0, resume_path=resume, fingerprint="lambda-5")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from aape.config import load_params
-from aape.integrations.mlflow_tracking import pipeline_run, resolve_tracking_uri
+from aape.integrations.mlflow_tracking import open_experiment, pipeline_run, resolve_tracking_uri
 from tasks.registry import headline_metric
 
 
@@ -76,3 +80,78 @@ def test_a_nested_run_ends_finished_or_failed_like_its_parent(tracked_params):
     client = MlflowClient(tracked_params.tracking.uri)
     status = {run_id: client.get_run(run_id).info.status for run_id in (ok.run_id, broken.run_id, parent.run_id)}
     assert status == {ok.run_id: "FINISHED", broken.run_id: "FAILED", parent.run_id: "FAILED"}
+
+
+# the parent-run variable ----------------------------------------------------------------------------
+def test_runs_given_a_parent_id_attach_to_it_instead_of_opening_their_own(tracked_params, monkeypatch):
+    """AAPE_MLFLOW_PARENT_RUN_ID: separate processes (here two pipeline_run calls) log their stages
+    under the orchestrator's run, open no parent of their own, and leave ending it to its owner."""
+    client, experiment_id = open_experiment(tracked_params)
+    parent = client.create_run(experiment_id, run_name="orchestrator").info.run_id
+    monkeypatch.setenv("AAPE_MLFLOW_PARENT_RUN_ID", parent)
+    for stage in ("prepare-data", "evaluate"):
+        with pipeline_run(tracked_params, f"process-{stage}") as tracker:
+            assert tracker.run_id == parent
+            with tracker.child(stage, tags={"stage": stage}) as child:
+                child.log_metrics({"done": 1.0})
+    runs = {r.info.run_name: r for r in client.search_runs([experiment_id])}
+    assert set(runs) == {"orchestrator", "prepare-data", "evaluate"}
+    assert runs["prepare-data"].data.tags["mlflow.parentRunId"] == runs["evaluate"].data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(parent).info.status == "RUNNING"
+    monkeypatch.delenv("AAPE_MLFLOW_PARENT_RUN_ID")
+    with pipeline_run(tracked_params, "standalone") as own:
+        assert own.run_id != parent  # without the variable a run opens its own parent
+    assert "mlflow.parentRunId" not in client.get_run(own.run_id).data.tags
+
+
+# the model registry's `best` alias ------------------------------------------------------------------
+@pytest.fixture
+def registry_params(tracked_params, tmp_path, monkeypatch):
+    """Two trained seeds (seed 2 better on validation) and a stand-in for logging the pyfunc model
+    that registers a version of it, as MLflow's log_model(registered_model_name=...) does."""
+    import mlflow
+
+    params = tracked_params.model_copy(deep=True)
+    params.run.output_dir, params.run.seeds = str(tmp_path / "artifacts"), [1, 2]
+    for seed, val in ((1, 50.0), (2, 60.0)):
+        folder = tmp_path / "artifacts" / "generator" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "generator.json").write_text(json.dumps({"best_val_accuracy": val}))
+    logged: list[Path] = []
+
+    def log_model(model_dir, params, artifact_path, registered_model_name=None):
+        client = MlflowClient(params.tracking.uri)
+        if not client.search_registered_models(f"name='{registered_model_name}'"):
+            client.create_registered_model(registered_model_name)
+        logged.append(Path(model_dir))
+        version = client.create_model_version(registered_model_name, str(model_dir), run_id=mlflow.active_run().info.run_id)
+        return SimpleNamespace(registered_model_version=version.version)
+
+    monkeypatch.setattr("aape.integrations.pyfunc.log_aape_model", log_model)
+    uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    yield params, logged
+    mlflow.set_tracking_uri(uris[0])  # register_model sets MLflow's process-wide URIs
+    mlflow.set_registry_uri(uris[1])
+
+
+def _register(params, score: float) -> dict:
+    from tasks.registry import register_model
+
+    metrics = Path(params.run.output_dir) / "eval" / "metrics.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"base2new/zeroshot/H_mean": 99.0, "base2new/aape/H_mean": score}))
+    with pipeline_run(params, f"run-{score}") as tracker:
+        return register_model(params, tracker)
+
+
+def test_best_alias_stays_on_the_version_with_the_highest_headline_metric(registry_params):
+    params, logged = registry_params
+    first = _register(params, 70.0)
+    worse = _register(params, 60.0)
+    better = _register(params, 80.0)
+    assert [(r["version"], r["alias"]) for r in (first, worse, better)] == [("1", "best"), ("2", None), ("3", "best")]
+    assert logged == [Path(params.run.output_dir) / "generator" / "seed2"] * 3  # the seed best on validation
+    client = MlflowClient(params.tracking.uri)
+    best = client.get_model_version_by_alias(params.tracking.registered_model, "best")
+    assert str(best.version) == "3" and best.aliases == ["best"] and best.tags["headline_metric"] == "base2new/aape/H_mean" and best.tags["headline_value"] == "80.0"
+    assert client.get_model_version(params.tracking.registered_model, "2").tags["headline_value"] == "60.0"

@@ -104,7 +104,10 @@ def test_existing_files_pass(tmp_path: Path):
     (tmp_path / "r4.parquet").write_bytes(b"")
     params = load_params(None, ["prompts.source=cupl-json", f"prompts.file={cupl}", f"backbone.pretrained={weights}",
                                 f"evaluation.shots_results=[{tmp_path}/r*.parquet]"])  # fmt: skip
+    assert preflight_problems(params) == []
     preflight(params)  # raises nothing
+    (tmp_path / "r4.parquet").unlink()  # the same settings with one file gone: now a problem is named
+    assert preflight_problems(params) == [f"evaluation.shots_results: no file matches '{tmp_path}/r*.parquet'"]
 
 
 def test_openai_endpoint_settings(monkeypatch):

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from aape.config import ConfigError, load_params
+from aape.data.demo import DEMO_KEY
+from aape.data.registry import FEWSHOT_DATASETS
 from aape.prompts import DESCRIPTION_COLUMNS, descriptions_by_class, load_descriptions
 from aape.prompts.answers import Sampling
 from aape.prompts.cleaning import clean_answers, clean_text, is_refusal
@@ -20,14 +22,11 @@ from aape.prompts.journal import Journal, request_key
 from aape.prompts.table import write_descriptions
 from aape.prompts.templates import GENERIC, available_template_sets, display_name, load_template_file, select_templates
 
-STANDARD = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-            "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]  # fmt: skip
-
 
 # templates -------------------------------------------------------------------------------------------
 def test_every_dataset_has_2_to_9_prompts_with_one_class_slot():
     system, sets, _ = load_template_file()
-    assert set(STANDARD) | {"demo-mnist", GENERIC} <= set(sets)
+    assert set(FEWSHOT_DATASETS) | {DEMO_KEY, GENERIC} <= set(sets)  # a set of its own for every benchmark dataset
     assert system.strip()
     for name, prompts in sets.items():
         assert 2 <= len(prompts) <= 9, name
@@ -45,10 +44,27 @@ def test_prompts_are_fitted_to_the_domain():
     "dataset, expected",
     [("eurosat", "eurosat"), ("EuroSAT", "eurosat"), ("DescribableTextures", "dtd"), ("oxford_pets", "oxford_pets"),
      ("OxfordPets", "oxford_pets"), ("Flowers102", "oxford_flowers"), ("imagenet_sketch", "imagenet"),
-     ("demo-mnist", "demo-mnist"), ("my-own-folder-of-birds", GENERIC)],
+     ("demo-mnist", "demo-mnist"), ("my-own-folder-of-birds", GENERIC),
+     # spellings only the data registry knows, and aliases only templates.yaml knows (custom names)
+     ("FGVCAircraft", "fgvc_aircraft"), ("Stanford Cars", "stanford_cars"), ("imagenet-r", "imagenet"),
+     ("caltech", "caltech101"), ("Textures", "dtd"), ("digits", "demo-mnist"), ("manifest", GENERIC)],
 )  # fmt: skip
 def test_auto_picks_the_set_by_dataset_name(dataset, expected):
     assert select_templates("auto", dataset).name == expected
+
+
+def test_template_names_are_matched_as_the_data_registry_matches_dataset_names(tmp_path):
+    """'cars' and 'stanford_cars' are one dataset to the registry, so two sets under them clash;
+    names the registry does not know ('my_birds', 'My-Birds') still match each other."""
+    prompts = "    prompts: ['a {} seen closely.', 'the {} in its setting.']\n"
+    clash = tmp_path / "clash.yaml"
+    clash.write_text("system: s\ndatasets:\n  generic:\n" + prompts + "  stanford_cars:\n" + prompts + "  cars:\n" + prompts)
+    with pytest.raises(TemplateError, match="the name or alias 'cars' is used by both 'stanford_cars' and 'cars'"):
+        load_template_file(clash)
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("system: s\ndatasets:\n  generic:\n" + prompts + "  my_birds:\n    aliases: [songbirds]\n" + prompts)
+    _, sets, names = load_template_file(custom)
+    assert names == {"generic": "generic", "mybirds": "my_birds", "songbirds": "my_birds"} and set(sets) == {"generic", "my_birds"}
 
 
 def test_explicit_choice_and_max_templates():

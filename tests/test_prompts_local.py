@@ -14,6 +14,7 @@ import pytest
 import torch
 from llm_stub_server import stub_server  # noqa: F401 - fixture
 
+from aape.backbone import BackboneError  # imported before any test patches torch's device checks
 from aape.config import load_params
 from aape.prompts import DESCRIPTION_SCHEMA, load_descriptions
 from aape.prompts import local_source
@@ -140,6 +141,39 @@ def test_stage_batches_by_question_journals_and_resumes(tmp_path, tiny_local):
 def test_unknown_local_model_is_a_clear_error(tmp_path):
     with pytest.raises(LocalModelError, match="neither 'smollm2-135m'"):
         resolve_model(str(tmp_path / "missing.gguf"))
+
+
+class _Loaded(Exception):
+    """Raised by the stand-in loader once it has seen the device: the test needs nothing more."""
+
+
+@pytest.mark.parametrize(
+    "device, cuda, mps, expected",
+    [("auto", True, True, "cuda"), ("auto", False, True, "mps"), ("auto", False, False, "cpu"), ("cpu", True, True, "cpu")],
+    ids=["auto-cuda", "auto-mps-only", "auto-cpu", "explicit-cpu"],
+)
+def test_local_model_goes_to_the_device_run_device_resolves_to(monkeypatch, device, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    loaded: list[tuple[str, str]] = []
+
+    def fake_load(spec, device):
+        loaded.append((spec, device))
+        raise _Loaded
+
+    monkeypatch.setattr(local_source, "load_local_model", fake_load)
+    cfg = load_params(None, ["prompts.local.model=tiny-llama"]).prompts.local
+    with pytest.raises(_Loaded):
+        local_source.answer_jobs_local(_jobs({"q": 1}), cfg, "system", Sampling(0.99, 6), lambda entries: None, device=device)
+    assert loaded == [("tiny-llama", expected)]
+
+
+def test_local_model_on_cuda_without_cuda_is_the_backbones_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(local_source, "load_local_model", lambda *a: pytest.fail("no model may be loaded"))
+    cfg = load_params(None, ["prompts.local.model=tiny-llama"]).prompts.local
+    with pytest.raises(BackboneError, match="run.device is 'cuda' but no CUDA device is visible; set run.device: auto or cpu"):
+        local_source.answer_jobs_local(_jobs({"q": 1}), cfg, "system", Sampling(0.99, 6), lambda entries: None, device="cuda")
 
 
 def test_all_three_sources_write_the_same_schema(tmp_path, tiny_local, stub_server, monkeypatch):

@@ -154,10 +154,10 @@ def test_giving_up_after_max_retries_keeps_the_answers_obtained(tmp_path, stub_s
 
 def test_retry_budget_is_a_clear_error(tmp_path, stub_server, secret_key):
     stub_server.add_fault("429", count=50, retry_after=5)
-    start = time.perf_counter()
-    with pytest.raises(LLMError, match=r"retry budget spent .*retry_budget_s=1"):
+    # a 5 s Retry-After does not fit a 1 s budget: the run gives up without sleeping at all (0.0 s
+    # waited), rather than sleeping past the budget; checked by what it says, not by a clock
+    with pytest.raises(LLMError, match=r"retry budget spent \(0\.0s of waiting, prompts\.openai\.retry_budget_s=1\)"):
         run(make_params(tmp_path, stub_server, "prompts.openai.retry_budget_s=1"))
-    assert time.perf_counter() - start < 4, "gave up only after sleeping past the budget"
 
 
 def test_rejected_key_is_fatal_and_names_the_variable_not_the_key(tmp_path, stub_server, secret_key):
@@ -256,15 +256,18 @@ def test_killed_run_resumes_without_sending_any_answered_request_again(tmp_path,
     assert secret_key not in output
     assert len(Journal(journal).load()) == 20
     answered_before = set(stub_server.answered)
+    # Measured against this snapshot: on a loaded machine the first run may itself retry a request
+    # that outlived its 2 s timeout, which is the client's retry policy, not the resume under test.
+    received_before = Counter(stub_server.received)
     stub_server.release()
 
     out = run(params)
     assert out["answers_from_journal"] == 20 and out["requests_sent"] == 28
-    assert all(stub_server.received[key] == 1 for key in answered_before), "an answered request was sent again"
+    sent_by_resume = Counter(stub_server.received) - received_before
+    assert not set(sent_by_resume) & answered_before, "an answered request was sent again"
     assert_complete_and_correct(tmp_path, stub_server, 48)
-    held_then_resent = {k for k, n in stub_server.held.items()}
-    assert all(stub_server.received[k] == 2 for k in held_then_resent)  # only never-answered requests went out again
-    assert Counter(stub_server.received.values()) == Counter({1: 44, 2: 4})
+    assert set(stub_server.held) <= set(sent_by_resume)  # the held, never-answered requests went out again
+    assert set(sent_by_resume) == set(stub_server.answered) - answered_before and len(sent_by_resume) == 28  # exactly the missing ones
 
 
 def test_stub_keys_match_what_the_client_sends():

@@ -4,11 +4,11 @@
     draw_fewshot(splits.train, shots, seed)    # K per class, deterministic
     base_new_split(range(splits.num_classes))  # ([base labels], [new labels])
 
-Stages read what prepare-data wrote with read_classes / read_manifest.
+Stages read what prepare-data wrote with ClassesManifest.read (data/classes.json) / read_manifest.
 """
 
 from aape.data.images import DataError, UnreadableImageError, open_image
-from aape.data.manifests import manifest_metadata, read_classes, read_manifest, write_manifest
+from aape.data.manifests import ClassesManifest, ClassesManifestError, ClassNames, manifest_metadata, read_manifest, write_manifest
 from aape.data.protocol import base_new_split, cap_per_class, class_plan, draw_fewshot
 from aape.data.records import (
     ClassCountError,
@@ -28,6 +28,9 @@ from aape.data.registry import KNOWN_DATASETS, build_dataset, canonical_name, lo
 __all__ = [
     "KNOWN_DATASETS",
     "ClassCountError",
+    "ClassNames",
+    "ClassesManifest",
+    "ClassesManifestError",
     "DataError",
     "DatasetNotFoundError",
     "DatasetSplits",
@@ -48,7 +51,6 @@ __all__ = [
     "load_dataset",
     "manifest_metadata",
     "open_image",
-    "read_classes",
     "read_manifest",
     "split_hash",
     "write_manifest",

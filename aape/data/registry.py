@@ -60,6 +60,17 @@ def canonical_name(name: str) -> str:
     )
 
 
+def name_key(name: str) -> str:
+    """The key to match a dataset name by, never raising: `canonical_name` for a dataset the registry
+    knows, else the name without case, '-', '_' or spaces (a custom dataset's own name, or a spelling
+    only another table knows, like an alias in aape/prompts/templates.yaml). The two kinds of key
+    cannot collide: a squashed name equal to a known key would have been recognised as that dataset."""
+    try:
+        return canonical_name(name)
+    except UnknownDatasetError:
+        return _squash(name)
+
+
 def class_renames(name: str) -> dict[str, str]:
     """The loader's {folder name: class name} renames for dataset `name` ({} when none or unknown)."""
     try:

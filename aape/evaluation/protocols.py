@@ -21,8 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from aape.config import Params
-from aape.data.images import DataError
-from aape.data.manifests import read_classes as read_classes_file
+from aape.data.manifests import ClassesManifest
 from aape.evaluation.classifiers import (
     Classifier,
     CSearch,
@@ -48,55 +47,12 @@ class ClassMismatchError(EvaluationError):
     """A trained model's classes are not the ones the protocol requires."""
 
 
-@dataclass
-class ClassesInfo:
-    """data/classes.json, the contract between prepare-data and every later stage."""
-
-    dataset: str
-    classnames: list[str]
-    protocol: str
-    train_classes: list[int]
-    eval_sets: dict[str, list[int]]
-    shots: int
-    path: Path
-
-    @classmethod
-    def read(cls, layout: Layout) -> "ClassesInfo":
-        path = layout.classes_file
-        try:
-            raw = read_classes_file(path, required=("dataset", "classnames", "protocol", "train_classes", "eval_sets"))
-        except DataError as exc:
-            raise EvaluationError(str(exc)) from None
-        try:
-            info = cls(
-                dataset=str(raw["dataset"]),
-                classnames=[str(c) for c in raw["classnames"]],
-                protocol=str(raw["protocol"]),
-                train_classes=[int(c) for c in raw["train_classes"]],
-                eval_sets={str(k): [int(c) for c in v] for k, v in raw["eval_sets"].items()},
-                shots=int(raw.get("shots", 0)),
-                path=path,
-            )
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise EvaluationError(f"{path} is not a valid classes file ({exc!r}); re-run `aape prepare-data`") from None
-        n = len(info.classnames)
-        for name, classes in info.eval_sets.items():
-            bad = [c for c in classes if not 0 <= c < n]
-            if bad:
-                raise EvaluationError(f"{path}: eval set '{name}' holds labels {bad[:5]} outside the {n} classes; re-run prepare-data")
-        return info
-
-    @property
-    def train_classnames(self) -> list[str]:
-        return [self.classnames[c] for c in self.train_classes]
-
-
 def model_dir(layout: Layout, method: str, seed: int) -> Path:
     base = layout.seed_dir(layout.generator, seed)
     return base / NODISTILL_DIR if method == "aape-nodistill" else base
 
 
-def check_model_classes(meta: dict[str, Any], info: ClassesInfo, directory: Path) -> None:
+def check_model_classes(meta: dict[str, Any], info: ClassesManifest, directory: Path) -> None:
     """The protocol requires the model to have been trained on exactly classes.json's train classes
     (base-to-new: otherwise 'new' classes were seen in training)."""
     trained = meta.get("train_classnames")
@@ -122,7 +78,7 @@ def check_model_classes(meta: dict[str, Any], info: ClassesInfo, directory: Path
         )
 
 
-def load_aape(layout: Layout, method: str, seed: int, bundle: FeatureBundle, info: ClassesInfo):
+def load_aape(layout: Layout, method: str, seed: int, bundle: FeatureBundle, info: ClassesManifest):
     from aape.method import AAPEModel
 
     directory = model_dir(layout, method, seed)
@@ -164,7 +120,7 @@ class Remapped:
         return self.inner.logits(features, [self.parent[c] for c in classes])
 
 
-def build_classifiers(methods: Sequence[str], bundle: FeatureBundle, info: ClassesInfo, layout: Layout,
+def build_classifiers(methods: Sequence[str], bundle: FeatureBundle, info: ClassesManifest, layout: Layout,
                       params: Params) -> dict[str, Classifier]:
     """Every configured method for one seed, in the training dataset's global label space."""
     built: dict[str, Classifier] = {}
@@ -229,7 +185,7 @@ def transfer_classifier(method: str, source: Classifier, target: TransferTarget)
 def evaluate_seed(
     classifiers: dict[str, Classifier],
     bundle: FeatureBundle,
-    info: ClassesInfo,
+    info: ClassesManifest,
     targets: Sequence[TransferTarget],
     batch_size: int,
 ) -> list[SetOutcome]:

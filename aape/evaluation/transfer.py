@@ -14,7 +14,8 @@ import torch
 
 from aape.config import Params
 from aape.evaluation.classifiers import EvaluationError
-from aape.evaluation.protocols import ClassesInfo, TransferTarget
+from aape.data.manifests import ClassesManifest
+from aape.evaluation.protocols import TransferTarget
 from aape.evaluation.results import CROSS_DATASET, DOMAIN_SHIFT
 from aape.features import FeatureBundle
 from aape.layout import Layout
@@ -22,7 +23,7 @@ from aape.layout import Layout
 log = logging.getLogger(__name__)
 
 
-def class_mapping(target_names: Sequence[str], parent_labels: Sequence[int] | None, info: ClassesInfo, target: str) -> list[int]:
+def class_mapping(target_names: Sequence[str], parent_labels: Sequence[int] | None, info: ClassesManifest, target: str) -> list[int]:
     """Each target class's label in the training dataset, checked by name (domain shift needs the
     target's classes to be the training dataset's, e.g. ImageNet-A's 200 among ImageNet's 1000)."""
     if parent_labels is not None:
@@ -41,7 +42,7 @@ def class_mapping(target_names: Sequence[str], parent_labels: Sequence[int] | No
     return [position[n] for n in target_names]
 
 
-def load_transfer_targets(params: Params, layout: Layout, info: ClassesInfo, bundle: FeatureBundle) -> list[TransferTarget]:
+def load_transfer_targets(params: Params, layout: Layout, info: ClassesManifest, bundle: FeatureBundle) -> list[TransferTarget]:
     """Locate, then encode, every dataset of evaluation.cross_datasets and evaluation.domain_shift."""
     from aape.data import cap_per_class, load_dataset
 
@@ -83,7 +84,7 @@ def _backbone(params: Params, bundle: FeatureBundle):
 
 
 def _encode_target(scope: str, name: str, splits, records, backbone, params: Params, layout: Layout,
-                   info: ClassesInfo) -> TransferTarget:
+                   info: ClassesManifest) -> TransferTarget:
     from aape.features import class_template_features, image_features, text_features
     from aape.features.baseline_templates import baseline_templates
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +82,7 @@ class CacheEntry:
 
     @property
     def lock_path(self) -> Path:
-        return self.dir.with_name(f"{self.dir.name}.lock")  # beside the entry: remove() keeps it
+        return self.dir.with_name(f"{self.dir.name}.lock")  # beside the entry, not inside it
 
     def locked(self) -> ContextManager[None]:
         """Exclusive use of this entry across processes and threads, while it is looked up and computed."""
@@ -134,9 +133,6 @@ class CacheEntry:
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(self.marker_path, marker)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 Compute = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]

@@ -18,8 +18,7 @@ import torch
 from aape.atomic import atomic_save_tensors, atomic_write_json
 from aape.backbone import RANDOM_INIT_NOTICE, Backbone, load_backbone
 from aape.config import Params
-from aape.data import manifests as data_manifests
-from aape.data.images import DataError
+from aape.data.manifests import ClassesManifest
 from aape.features.bundle import (
     FORMAT,
     FeatureError,
@@ -72,13 +71,6 @@ def build_backbone(params: Params) -> Backbone:
 # inputs ----------------------------------------------------------------------------------------
 
 
-def read_classes(layout: Layout) -> dict[str, Any]:
-    try:
-        return data_manifests.read_classes(layout.classes_file, required=("classnames", "image_root"))
-    except DataError as exc:
-        raise FeatureError(str(exc)) from None
-
-
 def read_manifest(path: Path, num_classes: int) -> pd.DataFrame:
     if not path.is_file():
         raise FeatureError(f"manifest {path} is missing. Run `aape prepare-data` (with this run.seeds) first.")
@@ -127,9 +119,9 @@ class Extractor:
         self.baselines = baseline_templates(params.features, params.data.dataset)
 
     def run(self) -> ExtractionReport:
-        classes = read_classes(self.layout)
-        classnames: list[str] = list(classes["classnames"])
-        image_root = Path(classes["image_root"])
+        classes = ClassesManifest.read(self.layout.classes_file)
+        classnames: list[str] = list(classes.classnames)
+        image_root = Path(classes.image_root)
         if not image_root.is_dir():
             raise FeatureError(
                 f"image_root {image_root} from {self.layout.classes_file} is not a folder (run from the project root, "
@@ -235,7 +227,7 @@ class Extractor:
             "cache_keys": [prompts_key, zeroshot_key, ensemble_key, descriptions_key],
         }
 
-    def _index(self, classes: dict[str, Any], classnames: list[str]) -> dict[str, Any]:
+    def _index(self, classes: ClassesManifest, classnames: list[str]) -> dict[str, Any]:
         backbone, cfg = self.backbone, self.params.features
         index: dict[str, Any] = {
             "format": FORMAT,
@@ -251,7 +243,7 @@ class Extractor:
             image_size=backbone.image_size,
             dtype=str(backbone.dtype).removeprefix("torch."),
             device=str(backbone.device),
-            dataset=classes.get("dataset"),
+            dataset=classes.dataset,
             classnames=classnames,
             seeds=list(self.params.run.seeds),
             augmented_views=cfg.augmented_views,

@@ -1,4 +1,5 @@
-"""What the two training stages read: classes.json and one seed's cached features, as local tensors."""
+"""What the two training stages read of one seed: its cached features, as local tensors (classes.json is
+`aape.data.manifests.ClassesManifest`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from typing import Any
 import torch
 
 from aape.backbone import RANDOM_INIT_NOTICE
-from aape.data.images import DataError
-from aape.data.manifests import read_classes as read_classes_file
+from aape.data.manifests import ClassesManifest
 from aape.errors import AAPEError
 from aape.features import FeatureBundle, load_bundle
 from aape.labels import to_local
@@ -57,22 +57,9 @@ class SeedInputs:
         return hashlib.sha256(json.dumps(digest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_classes(layout: Layout) -> dict[str, Any]:
-    path = layout.classes_file
-    try:
-        classes = read_classes_file(path, required=("dataset", "classnames", "train_classes"))
-        classes["train_classes"] = [int(c) for c in classes["train_classes"]]
-        classes["classnames"] = list(classes["classnames"])
-    except DataError as exc:
-        raise StageInputError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise StageInputError(f"{path} is not a valid classes file ({exc}); re-run `aape prepare-data`") from None
-    return classes
-
-
-def load_seed_inputs(layout: Layout, seed: int, classes: dict[str, Any]) -> SeedInputs:
+def load_seed_inputs(layout: Layout, seed: int, classes: ClassesManifest) -> SeedInputs:
     bundle = load_bundle(layout, seed)
-    train_classes, names = classes["train_classes"], classes["classnames"]
+    train_classes, names = list(classes.train_classes), classes.classnames
     if bundle.class_prompts.shape[0] != len(names):
         raise StageInputError(
             f"features/text.safetensors has {bundle.class_prompts.shape[0]} class prompts but {layout.classes_file} "

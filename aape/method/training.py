@@ -86,6 +86,38 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@dataclass
+class _Run:
+    """One call of `fit`: the model, what it optimises and how, and where its state is saved."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    schedule: ScheduleConfig
+    epochs: int
+    seed: int
+    n_items: int
+    n_views: int
+    name: str
+    resume_path: Path | None
+    fingerprint: str
+    tracker: Tracker
+
+    @property
+    def report_every(self) -> int:
+        return max(1, self.epochs // 20)
+
+
+@dataclass
+class _State:
+    """Where a run stands after its completed epochs: what a resume state holds."""
+
+    history: list[dict[str, Any]]
+    best: dict[str, Any]  # epoch (1-based; 0 = untrained), key (selection), figures, state (weights)
+    epochs_done: int = 0
+    initial: dict[str, Any] | None = None
+
+
 def fit(
     model: torch.nn.Module,
     objective: Objective,
@@ -108,82 +140,105 @@ def fit(
     With `resume_path`, the state after every epoch is saved there atomically, and a run that finds
     a state with the same `fingerprint` continues after its last completed epoch.
     """
-    tracker = tracker or NullTracker()
     optimizer = make_optimizer(model.parameters(), schedule)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "key": None, "figures": {}, "state": _state_copy(model)}
-    start_epoch = 0
-    initial: dict[str, Any] | None = None
-    if resume_path is not None:
-        state = load_resume_state(resume_path, fingerprint, RESUME_FORMAT)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            history, start_epoch = state["history"], int(state["epochs_done"])
-            initial = state.get("initial")
-            best = {**state["best"], "key": tuple(state["best"]["key"]) if state["best"]["key"] is not None else None}
-            log.info("%s: resuming after epoch %d of %d from %s", name, start_epoch, epochs, resume_path)
-    started = time.perf_counter()
-    report_every = max(1, epochs // 20)
-    if start_epoch == 0 or initial is None:
-        initial = _initial_record(model, objective, tracker)
-        log.info("%s before training: %s", name, _describe(initial))
+    run = _Run(model, objective, optimizer, schedule, epochs, seed, n_items, n_views, name, resume_path, fingerprint,
+               tracker or NullTracker())  # fmt: skip
+    fresh = _State(history=[], best={"epoch": 0, "key": None, "figures": {}, "state": _state_copy(model)})
+    state = _resume(run) or fresh
+    start_epoch, started = state.epochs_done, time.perf_counter()
+    if start_epoch == 0 or state.initial is None:
+        state.initial = _initial_record(model, objective, run.tracker)
+        log.info("%s before training: %s", name, _describe(state.initial))
     for epoch in range(start_epoch, epochs):
-        epoch_start = time.perf_counter()
-        lr = lr_at(epoch, schedule, epochs)
-        set_lr(optimizer, lr)
-        order, views = epoch_draw(seed, epoch, n_items, n_views)
-        batches = batches_of(order, schedule.batch_size)
-        model.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        for b, items in enumerate(progress(batches, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch")):
-            loss, figures = objective.loss(model, items, views[items])
-            if not torch.isfinite(loss):
-                where = f"epoch {epoch + 1} of {epochs}, batch {b + 1} of {len(batches)}"
-                saved = f"epochs 1..{epoch} are saved in {resume_path}" if resume_path and epoch else "no epoch was completed"
-                raise NonFiniteLossError(
-                    f"{name}: the loss is {loss.item()} at {where} (lr {lr:g}); {saved}. Lower the learning rate "
-                    f"(schedule.lr) or check the features for NaN/inf values; an unchanged configuration resumes."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = len(items)
-            seen += n
-            for key, value in {"loss": loss.detach(), **figures}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-        model.eval()
-        with torch.no_grad():
-            val = objective.validate(model)
-            diagnostics = objective.diagnostics(model)
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-        record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
-        record.update(val)
-        record.update(diagnostics)
-        record["seconds"] = time.perf_counter() - epoch_start
-        history.append(record)
-        tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch" and _is_number(v)}, step=epoch + 1)
-        key = objective.selection_key(val) if schedule.select == "best-val" else (float(epoch),)
-        if best["key"] is None or key >= best["key"]:  # exact ties go to the later, more trained epoch
-            best = {"epoch": epoch + 1, "key": key, "figures": dict(val), "state": _state_copy(model)}
-        if epoch + 1 in (1, epochs) or (epoch + 1) % report_every == 0:
-            log.info("%s %s", name, _describe(record))
-        if resume_path is not None:
-            atomic_torch_save(
-                resume_path,
-                {
-                    "format": RESUME_FORMAT,
-                    "fingerprint": fingerprint,
-                    "epochs_done": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                    "initial": initial,
-                    "best": {**best, "key": list(best["key"])},
-                },
-            )
-    return FitResult(history, best["epoch"], best["figures"], best["state"], start_epoch, time.perf_counter() - started, initial)
+        _run_epoch(run, state, epoch)
+    best = state.best
+    return FitResult(state.history, best["epoch"], best["figures"], best["state"], start_epoch, time.perf_counter() - started, state.initial)
+
+
+def _resume(run: _Run) -> _State | None:
+    """The state saved at run.resume_path for this fingerprint, loaded into the model and optimiser; None if none."""
+    if run.resume_path is None:
+        return None
+    saved = load_resume_state(run.resume_path, run.fingerprint, RESUME_FORMAT)
+    if saved is None:
+        return None
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    key = saved["best"]["key"]
+    best = {**saved["best"], "key": tuple(key) if key is not None else None}
+    state = _State(saved["history"], best, int(saved["epochs_done"]), saved.get("initial"))
+    log.info("%s: resuming after epoch %d of %d from %s", run.name, state.epochs_done, run.epochs, run.resume_path)
+    return state
+
+
+def _run_epoch(run: _Run, state: _State, epoch: int) -> None:
+    """Train one epoch (0-based), validate, record, select and save the resume state."""
+    epoch_start = time.perf_counter()
+    lr = lr_at(epoch, run.schedule, run.epochs)
+    set_lr(run.optimizer, lr)
+    train_figures = _train_steps(run, epoch, lr)
+    run.model.eval()
+    with torch.no_grad():
+        val = run.objective.validate(run.model)
+        diagnostics = run.objective.diagnostics(run.model)
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train_figures, **val, **diagnostics}
+    record["seconds"] = time.perf_counter() - epoch_start
+    state.history.append(record)
+    run.tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch" and _is_number(v)}, step=epoch + 1)
+    key = run.objective.selection_key(val) if run.schedule.select == "best-val" else (float(epoch),)
+    if state.best["key"] is None or key >= state.best["key"]:  # exact ties go to the later, more trained epoch
+        state.best = {"epoch": epoch + 1, "key": key, "figures": dict(val), "state": _state_copy(run.model)}
+    if epoch + 1 in (1, run.epochs) or (epoch + 1) % run.report_every == 0:
+        log.info("%s %s", run.name, _describe(record))
+    state.epochs_done = epoch + 1
+    _save_resume_state(run, state)
+
+
+def _train_steps(run: _Run, epoch: int, lr: float) -> dict[str, float]:
+    """One pass over the epoch's batches; the per-item means of the loss and the objective's figures."""
+    order, views = epoch_draw(run.seed, epoch, run.n_items, run.n_views)
+    batches = batches_of(order, run.schedule.batch_size)
+    run.model.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    for b, items in enumerate(progress(batches, desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", unit="batch")):
+        loss, figures = run.objective.loss(run.model, items, views[items])
+        if not torch.isfinite(loss):
+            raise _non_finite(run, loss, epoch, f"epoch {epoch + 1} of {run.epochs}, batch {b + 1} of {len(batches)}", lr)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        n = len(items)
+        seen += n
+        for key, value in {"loss": loss.detach(), **figures}.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+    return {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
+
+
+def _non_finite(run: _Run, loss: torch.Tensor, epoch: int, where: str, lr: float) -> NonFiniteLossError:
+    saved = f"epochs 1..{epoch} are saved in {run.resume_path}" if run.resume_path and epoch else "no epoch was completed"
+    return NonFiniteLossError(
+        f"{run.name}: the loss is {loss.item()} at {where} (lr {lr:g}); {saved}. Lower the learning rate "
+        f"(schedule.lr) or check the features for NaN/inf values; an unchanged configuration resumes."
+    )
+
+
+def _save_resume_state(run: _Run, state: _State) -> None:
+    if run.resume_path is None:
+        return
+    atomic_torch_save(
+        run.resume_path,
+        {
+            "format": RESUME_FORMAT,
+            "fingerprint": run.fingerprint,
+            "epochs_done": state.epochs_done,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "history": state.history,
+            "initial": state.initial,
+            "best": {**state.best, "key": list(state.best["key"])},
+        },
+    )
 
 
 def _initial_record(model: torch.nn.Module, objective: Objective, tracker: Tracker) -> dict[str, Any]:

@@ -72,14 +72,6 @@ def resolve_model(spec: str) -> tuple[Path, str | None, str]:
     )
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_local_model(spec: str, device: str = "cpu") -> LocalModel:
     """Load (once per process) the model and tokenizer; later calls return the cached pair."""
     cache_key = (spec, device)
@@ -200,10 +192,12 @@ def answer_jobs_local(
     jobs: list[SampleJob], cfg: LocalLLMConfig, system: str, sampling: Sampling, persist: Persist, device: str = "auto"
 ) -> RunStats:
     """Obtain one answer per job from the local model, persisting each batch as it finishes."""
+    from aape.backbone import resolve_device  # run.device's one resolver: cuda, then mps, then cpu
+
     stats = RunStats()
     if not jobs:
         return stats
-    lm = load_local_model(cfg.model, resolve_device(device))
+    lm = load_local_model(cfg.model, str(resolve_device(device)))
     batches = pack_batches(jobs, cfg.max_batch)
     threads = cfg.cpu_threads if lm.device == "cpu" else 0
     with _torch_threads(threads):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aape.atomic import atomic_write_stream
+from aape.atomic import atomic_write_json, atomic_write_stream
 from aape.prompts.errors import PromptsError
 
 # The contract of docs/architecture.md, in order. Nullable fields are null where a source has no
@@ -35,20 +34,15 @@ DESCRIPTION_SCHEMA = pa.schema(
 DESCRIPTION_COLUMNS: tuple[str, ...] = tuple(DESCRIPTION_SCHEMA.names)
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and os.replace it: readers never see half a file."""
-    atomic_write_stream(path, write)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    data = (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode()
-    atomic_write_bytes(path, lambda handle: handle.write(data))
+# The stage writes summary.json with this name (aape/stages/generate_prompts.py); it is the project's
+# one JSON writer, not a copy of it.
+write_json_atomic = atomic_write_json
 
 
 def write_descriptions(rows: list[dict[str, Any]], path: Path) -> None:
     """Rows (dicts with exactly DESCRIPTION_COLUMNS) -> Parquet with DESCRIPTION_SCHEMA, atomically."""
     table = pa.Table.from_pylist(rows, schema=DESCRIPTION_SCHEMA)
-    atomic_write_bytes(path, lambda handle: pq.write_table(table, handle))
+    atomic_write_stream(path, lambda handle: pq.write_table(table, handle))
 
 
 def load_descriptions(path: str | Path) -> pd.DataFrame:

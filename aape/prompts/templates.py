@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from aape.data.registry import name_key
 from aape.prompts.errors import TemplateError
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,9 @@ def display_name(class_name: str) -> str:
     return " ".join(class_name.replace("_", " ").split())
 
 
-def dataset_key(name: str) -> str:
-    """'Oxford_Pets', 'oxford-pets' and 'OxfordPets' all become 'oxfordpets'."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
-
-
 @lru_cache(maxsize=4)
 def load_template_file(path: Path = TEMPLATES_FILE) -> tuple[str, dict[str, tuple[str, ...]], dict[str, str]]:
-    """(system message, {dataset: prompts}, {normalised name or alias: dataset}); validated."""
+    """(system message, {dataset: prompts}, {name_key of a name or alias: dataset}); validated."""
     try:
         tree: Any = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -64,7 +59,7 @@ def load_template_file(path: Path = TEMPLATES_FILE) -> tuple[str, dict[str, tupl
                 raise TemplateError(f"{path}: prompt {prompt!r} of '{name}' must contain '{{}}' exactly once (the class name)")
         datasets[name] = tuple(prompts)
         for alias in [name, *(entry.get("aliases") or [])]:
-            key = dataset_key(str(alias))
+            key = name_key(str(alias))
             if names.setdefault(key, name) != name:
                 raise TemplateError(f"{path}: the name or alias '{alias}' is used by both '{names[key]}' and '{name}'")
     if GENERIC not in datasets:
@@ -80,12 +75,12 @@ def select_templates(choice: str, dataset: str, max_templates: int | None = None
     """prompts.templates: 'auto' picks by the dataset's name (generic when unknown), else a set by name."""
     system, datasets, names = load_template_file()
     if choice == "auto":
-        name = names.get(dataset_key(dataset))
+        name = names.get(name_key(dataset))
         if name is None:
             log.info("no LLM-prompts written for dataset '%s': using the generic set", dataset)
             name = GENERIC
     else:
-        name = names.get(dataset_key(choice))
+        name = names.get(name_key(choice))
         if name is None:
             raise TemplateError(
                 f"prompts.templates: unknown template set {choice!r}. Use 'auto' or one of: {', '.join(datasets)}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from aape.backbone import resolve_device
-from aape.config import Params
+from aape.config import GeneratorConfig, Params
+from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.logs import stage
 from aape.atomic import atomic_write_json
-from aape.method.inputs import SeedInputs, StageInputError, load_seed_inputs, read_classes, remove_quietly
+from aape.method.inputs import SeedInputs, StageInputError, load_seed_inputs, remove_quietly
 from aape.method.model import AAPEModel
 from aape.method.objectives import seeded, train_generator
+from aape.method.training import FitResult
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -36,123 +39,188 @@ NAME = "distill-generator"
 NODISTILL_METHOD = "aape-nodistill"
 
 
+@dataclass
+class SeedRun:
+    """What every model trained for one seed shares: configuration, prepared data, inputs, where to write."""
+
+    params: Params
+    classes: ClassesManifest
+    seed: int
+    directory: Path  # generator/seed{S}/
+    inputs: SeedInputs
+    summaries: torch.Tensor | None  # p^a [N, V, d] of the training views (None: no aggregator run)
+    val_summaries: torch.Tensor | None  # p^a [Nv, d] of the validation images
+    outputs: list  # the stage summary's outputs: every file written is appended
+
+    @property
+    def cfg(self) -> GeneratorConfig:
+        return self.params.generator
+
+    @property
+    def epochs(self) -> int:
+        """CoOp's count for the shots and dataset the data was prepared with (classes.json), not params.data's."""
+        return self.cfg.schedule.resolved_epochs(self.classes.shots, self.classes.dataset)
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.params.run.device)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a seed: AAPE (λ = generator.lambda_distill) or aape-nodistill (λ = 0)."""
+
+    method: str
+    directory: Path
+    lam: float
+
+    @property
+    def resume(self) -> Path:
+        return self.directory / "resume.pt"
+
+
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage(NAME) as summary:
-        classes = read_classes(layout)
+        classes = ClassesManifest.read(layout.classes_file)
         per_seed: dict[int, dict[str, Any]] = {}
         for seed in params.run.seeds:
-            per_seed[seed] = _train_seed(params, layout, classes, seed, tracker, summary["outputs"])
-        summary["per_seed"] = per_seed
-        for variant in ("aape", NODISTILL_METHOD):
-            accs = [r[variant]["best_val_accuracy"] for r in per_seed.values() if variant in r]
-            if accs:
-                summary[f"{variant}_val_accuracy_mean"] = sum(accs) / len(accs)
-        first = next(iter(per_seed.values()))["aape"]
-        summary.update(params_h=first["params"]["h"], params_g=first["params"]["g"], params_total=first["params"]["total"])
-        summary["seconds_per_epoch"] = first["seconds_per_epoch"]
+            per_seed[seed] = _train_seed(_seed_run(params, layout, classes, seed, summary["outputs"]), tracker)
+        _summarise(summary, per_seed)
     return summary
 
 
-def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracker: Tracker, outputs: list) -> dict[str, Any]:
-    cfg = params.generator
-    out = layout.seed_dir(layout.generator, seed)
+def _summarise(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> None:
+    summary["per_seed"] = per_seed
+    for variant in ("aape", NODISTILL_METHOD):
+        accs = [r[variant]["best_val_accuracy"] for r in per_seed.values() if variant in r]
+        if accs:
+            summary[f"{variant}_val_accuracy_mean"] = sum(accs) / len(accs)
+    first = next(iter(per_seed.values()))["aape"]
+    summary.update(params_h=first["params"]["h"], params_g=first["params"]["g"], params_total=first["params"]["total"])
+    summary["seconds_per_epoch"] = first["seconds_per_epoch"]
+
+
+def _seed_run(params: Params, layout: Layout, classes: ClassesManifest, seed: int, outputs: list) -> SeedRun:
     inputs = load_seed_inputs(layout, seed, classes)
-    summaries, val_summaries = _load_summaries(layout, seed, inputs, required=cfg.lambda_distill > 0)
-    runs = {"aape": (out, cfg.lambda_distill, summaries)}
-    if NODISTILL_METHOD in params.evaluation.methods:
-        runs[NODISTILL_METHOD] = (out / "nodistill", 0.0, summaries)
+    summaries, val_summaries = _load_summaries(layout, seed, inputs, required=params.generator.lambda_distill > 0)
+    directory = layout.seed_dir(layout.generator, seed)
+    return SeedRun(params, classes, seed, directory, inputs, summaries, val_summaries, outputs)
+
+
+def _variants(run: SeedRun) -> list[Variant]:
+    variants = [Variant("aape", run.directory, run.cfg.lambda_distill)]
+    if NODISTILL_METHOD in run.params.evaluation.methods:
+        variants.append(Variant(NODISTILL_METHOD, run.directory / "nodistill", 0.0))
+    return variants
+
+
+def _train_seed(run: SeedRun, tracker: Tracker) -> dict[str, Any]:
     results = {}
-    for variant, (directory, lam, targets) in runs.items():
-        tags = {"seed": str(seed), "method": variant, "lambda_distill": str(lam)}
-        if inputs.bundle.random_init:
+    for variant in _variants(run):
+        tags = {"seed": str(run.seed), "method": variant.method, "lambda_distill": str(variant.lam)}
+        if run.inputs.bundle.random_init:
             tags["random_init"] = "true"
-        with tracker.child(f"{variant}/seed{seed}", tags=tags) as child:
-            results[variant] = _train_one(params, inputs, seed, directory, lam, targets, val_summaries, child, outputs, variant, classes["dataset"])
+        with tracker.child(f"{variant.method}/seed{run.seed}", tags=tags) as child:
+            results[variant.method] = _train_one(run, variant, child)
     return results
 
 
-def _train_one(
-    params: Params,
-    inputs: SeedInputs,
-    seed: int,
-    directory: Path,
-    lam: float,
-    summaries: torch.Tensor | None,
-    val_summaries: torch.Tensor | None,
-    tracker: Tracker,
-    outputs: list,
-    variant: str,
-    dataset: str,
-) -> dict[str, Any]:
-    cfg = params.generator
-    device = resolve_device(params.run.device)
-    bundle = inputs.bundle
-    with seeded(seed):
-        model = AAPEModel.from_config(cfg, bundle.embed_dim, bundle.logit_scale)
+def _train_one(run: SeedRun, variant: Variant, tracker: Tracker) -> dict[str, Any]:
+    """Train, save and report one variant of one seed."""
+    bundle = run.inputs.bundle
+    with seeded(run.seed):
+        model = AAPEModel.from_config(run.cfg, bundle.embed_dim, bundle.logit_scale)
     counts = model.parameter_counts()
-    epochs = cfg.schedule.resolved_epochs(params.data.shots, dataset)
+    _announce(run, variant, counts, tracker)
+    result = _fit(run, variant, model, tracker)
+    meta = _model_meta(run, variant, result)
+    paths = model.cpu().save(variant.directory, meta)
+    history_path = _write_history(run, variant, meta, result)
+    remove_quietly(variant.resume)
+    run.outputs.extend([*paths, history_path])
     log.info(
-        "seed %d, %s (λ=%g): h has %d parameters, g (%s) %d, total %d; %d images x %d views, %d classes, %d epochs",
-        seed, variant, lam, counts["h"], cfg.head, counts["g"], counts["total"],
-        inputs.data.num_items, inputs.data.num_views, len(inputs.train_classes), epochs,
+        "seed %d, %s: kept epoch %d (%s), validation accuracy %.4f (untrained %.4f)", run.seed, variant.method,
+        result.best_epoch, run.cfg.schedule.select, meta["best_val_accuracy"], result.initial.get("val_accuracy", float("nan")),
     )  # fmt: skip
-    tracker.log_params({"params_h": counts["h"], "params_g": counts["g"], "params_total": counts["total"], "lambda_distill": lam, "epochs": epochs, "seed": seed})
-    tracker.log_metrics({f"params_{k}": float(v) for k, v in counts.items()})
-    resume = directory / "resume.pt"
-    fingerprint = inputs.fingerprint(variant, cfg.model_dump(mode="json"), lam, seed, epochs, _summary_digest(summaries))
-    result = train_generator(
-        model.to(device),
-        inputs.data.to(device),
-        inputs.class_text.to(device),
-        summaries.to(device) if summaries is not None else None,
-        lam,
-        cfg.schedule,
-        epochs,
-        seed,
-        resume_path=resume,
-        fingerprint=fingerprint,
-        tracker=tracker,
-        name=f"{variant} seed{seed}",
-        val_summaries=val_summaries.to(device) if val_summaries is not None else None,
-    )
     seconds = [r["seconds"] for r in result.history]
-    meta = {
-        **inputs.backbone_facts(),
-        "method": variant,
-        "seed": seed,
-        "lambda_distill": lam,
-        "config": cfg.model_dump(mode="json"),
-        "aggregator_variant": params.aggregator.variant if lam > 0 else None,
-        "train_classnames": inputs.classnames,
-        "train_classes": inputs.train_classes,
-        # the template the class texts w_i were encoded with: prediction must encode new names the same way
-        "class_template": bundle.index.get("class_template", params.features.class_template),
-        "epochs": epochs,
-        "best_epoch": result.best_epoch,
-        "best_val_accuracy": result.best_figures["val_accuracy"],
-        "best_val_loss": result.best_figures["val_loss"],
-    }
-    paths = model.cpu().save(directory, meta)
-    history_path = directory / "history.json"
-    atomic_write_json(
-        history_path,
-        {**{k: meta[k] for k in ("method", "seed", "lambda_distill", "random_init", "epochs", "best_epoch")}, "select": cfg.schedule.select,
-         "initial": result.initial, "best": result.best_figures, "history": result.history},  # fmt: skip
-    )
-    remove_quietly(resume)
-    outputs.extend([*paths, history_path])
-    log.info(
-        "seed %d, %s: kept epoch %d (%s), validation accuracy %.4f (untrained %.4f)", seed, variant, result.best_epoch,
-        cfg.schedule.select, meta["best_val_accuracy"], result.initial.get("val_accuracy", float("nan")),
-    )  # fmt: skip
     return {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": meta["best_val_accuracy"],
         "params": counts,
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else 0.0,
     }
+
+
+def _announce(run: SeedRun, variant: Variant, counts: dict[str, int], tracker: Tracker) -> None:
+    """The model's size and the work ahead, to the log and the tracker."""
+    data, epochs = run.inputs.data, run.epochs
+    log.info(
+        "seed %d, %s (λ=%g): h has %d parameters, g (%s) %d, total %d; %d images x %d views, %d classes, %d epochs",
+        run.seed, variant.method, variant.lam, counts["h"], run.cfg.head, counts["g"], counts["total"],
+        data.num_items, data.num_views, len(run.inputs.train_classes), epochs,
+    )  # fmt: skip
+    tracker.log_params({"params_h": counts["h"], "params_g": counts["g"], "params_total": counts["total"],
+                        "lambda_distill": variant.lam, "epochs": epochs, "seed": run.seed})  # fmt: skip
+    tracker.log_metrics({f"params_{k}": float(v) for k, v in counts.items()})
+
+
+def _fit(run: SeedRun, variant: Variant, model: AAPEModel, tracker: Tracker) -> FitResult:
+    """train_generator on this seed's data, resumable from the variant's resume.pt."""
+    cfg, device, inputs = run.cfg, run.device, run.inputs
+    fingerprint = inputs.fingerprint(variant.method, cfg.model_dump(mode="json"), variant.lam, run.seed, run.epochs,
+                                     _summary_digest(run.summaries))  # fmt: skip
+    return train_generator(
+        model.to(device),
+        inputs.data.to(device),
+        inputs.class_text.to(device),
+        _on(run.summaries, device),
+        variant.lam,
+        cfg.schedule,
+        run.epochs,
+        run.seed,
+        resume_path=variant.resume,
+        fingerprint=fingerprint,
+        tracker=tracker,
+        name=f"{variant.method} seed{run.seed}",
+        val_summaries=_on(run.val_summaries, device),
+    )
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return tensor.to(device) if tensor is not None else None
+
+
+def _model_meta(run: SeedRun, variant: Variant, result: FitResult) -> dict[str, Any]:
+    """What generator.json records beside the architecture."""
+    cfg, inputs = run.cfg, run.inputs
+    return {
+        **inputs.backbone_facts(),
+        "method": variant.method,
+        "seed": run.seed,
+        "lambda_distill": variant.lam,
+        "config": cfg.model_dump(mode="json"),
+        "aggregator_variant": run.params.aggregator.variant if variant.lam > 0 else None,
+        "train_classnames": inputs.classnames,
+        "train_classes": inputs.train_classes,
+        # the template the class texts w_i were encoded with: prediction must encode new names the same way
+        "class_template": inputs.bundle.index.get("class_template", run.params.features.class_template),
+        "epochs": run.epochs,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_figures["val_accuracy"],
+        "best_val_loss": result.best_figures["val_loss"],
+    }
+
+
+def _write_history(run: SeedRun, variant: Variant, meta: dict[str, Any], result: FitResult) -> Path:
+    path = variant.directory / "history.json"
+    atomic_write_json(
+        path,
+        {**{k: meta[k] for k in ("method", "seed", "lambda_distill", "random_init", "epochs", "best_epoch")},
+         "select": run.cfg.schedule.select, "initial": result.initial, "best": result.best_figures, "history": result.history},
+    )  # fmt: skip
+    return path
 
 
 def _load_summaries(layout: Layout, seed: int, inputs: SeedInputs, required: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from aape.backbone import RANDOM_INIT_NOTICE
 from aape.config import Params
+from aape.data.manifests import ClassesManifest
 from aape.evaluation.classifiers import CSearch, EvaluationError, LinearProbe
 from aape.evaluation.outputs import (
     attention_figure,
@@ -25,8 +29,9 @@ from aape.evaluation.outputs import (
     write_parquet,
 )
 from aape.evaluation.plots import accuracy_vs_shots
-from aape.evaluation.protocols import ClassesInfo, TransferTarget, build_classifiers, evaluate_seed, model_dir
+from aape.evaluation.protocols import TransferTarget, build_classifiers, evaluate_seed, model_dir
 from aape.evaluation.report import ReportContext, render_report
+from aape.evaluation.metrics import MeanStd
 from aape.evaluation.results import (
     BASE2NEW,
     SetOutcome,
@@ -50,46 +55,83 @@ log = logging.getLogger(__name__)
 NAME = "evaluate"
 
 
+@dataclass
+class Evaluation:
+    """One evaluation: what every seed is scored with, and what the seeds gave (outcomes, probes)."""
+
+    params: Params
+    layout: Layout
+    info: ClassesManifest  # data/classes.json: dataset, protocol, eval sets, shots
+    methods: list[str]
+    first: FeatureBundle  # the first seed's features: the backbone, the baselines' templates
+    targets: list[TransferTarget]
+    extra_results: list[Path]  # evaluation.shots_results: other runs' results.parquet for the shots curve
+    outcomes: list[SetOutcome] = field(default_factory=list)
+    probes: dict[int, LinearProbe] = field(default_factory=dict)  # each seed's linear probe, when one was trained
+
+
+@dataclass
+class Tables:
+    """What the figures and the report are made from."""
+
+    results: pd.DataFrame  # one row per method x seed x set
+    per_class: pd.DataFrame
+    summary: dict[tuple[str, str, str], dict[str, MeanStd]]  # (scope, dataset, method) -> metric -> mean ± std
+    metrics: dict[str, Any]  # metrics.json
+
+
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage(NAME) as summary:
-        info = ClassesInfo.read(layout)
-        methods = list(params.evaluation.methods)
-        if not methods:
-            raise EvaluationError("evaluation.methods is empty; list at least one of the six methods")
-        # everything that can be missing is checked before the work, so nothing done is thrown away
-        extra_results = shots_result_files(params.evaluation.shots_results)
-        _check_models_exist(layout, methods, params.run.seeds)
-        first = load_bundle(layout, params.run.seeds[0])
-        _check_bundle(first, info)
-        _check_baseline_templates(first, params, methods)
-        if first.random_init:
-            log.warning("%s: every figure of this evaluation is meaningless about CLIP and AAPE", RANDOM_INIT_NOTICE)
-        targets = load_transfer_targets(params, layout, info, first)
-        outcomes: list[SetOutcome] = []
-        probes: dict[int, LinearProbe] = {}
+        ev = _prepare(params, layout)
         for seed in progress(params.run.seeds, desc="evaluate seeds", unit="seed"):
-            bundle = first if seed == first.seed else load_bundle(layout, seed)
-            _check_bundle(bundle, info)
-            classifiers = build_classifiers(methods, bundle, info, layout, params)
-            if isinstance(classifiers.get("linear-probe"), LinearProbe):
-                probes[seed] = classifiers["linear-probe"]  # type: ignore[assignment]
-            seed_outcomes = evaluate_seed(classifiers, bundle, info, targets, params.evaluation.batch_size)
-            _log_children(tracker, seed_outcomes, info, bundle, _baseline_tags(bundle, probes.get(seed)))
-            outcomes.extend(seed_outcomes)
-        written = _write_outputs(params, layout, info, first, methods, outcomes, extra_results, targets, probes)
+            _evaluate_seed(ev, seed, tracker)
+        written = _write_outputs(ev)
         summary["outputs"].extend(str(p) for p in written["files"])
-        metrics = written["metrics"]
-        tracker.set_tags({"random_init": str(first.random_init).lower(), "backbone": first.identity})
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-        for path in written["artifacts"]:  # a folder's files land under eval/<folder>/
-            tracker.log_artifact(path, f"eval/{path.name}" if path.is_dir() else "eval")
+        _log_run(tracker, ev, written)
+        metrics, first, info = written["metrics"], ev.first, ev.info
         headline = {k: v for k, v in metrics.items() if k.startswith(f"{info.protocol}/aape/") and k.endswith("_mean")}
         summary.update(headline=headline, random_init=first.random_init, report=str(layout.eval / "report.md"))
         for key, value in headline.items():
             log.info("%s = %.2f%s", key, value, " [RANDOM-INIT backbone]" if first.random_init else "")
     return summary
+
+
+def _prepare(params: Params, layout: Layout) -> Evaluation:
+    """Read and check everything that can be missing before any work, so nothing done is thrown away."""
+    info = ClassesManifest.read(layout.classes_file)
+    methods = list(params.evaluation.methods)
+    if not methods:
+        raise EvaluationError("evaluation.methods is empty; list at least one of the six methods")
+    extra_results = shots_result_files(params.evaluation.shots_results)
+    _check_models_exist(layout, methods, params.run.seeds)
+    first = load_bundle(layout, params.run.seeds[0])
+    _check_bundle(first, info)
+    _check_baseline_templates(first, params, methods)
+    if first.random_init:
+        log.warning("%s: every figure of this evaluation is meaningless about CLIP and AAPE", RANDOM_INIT_NOTICE)
+    targets = load_transfer_targets(params, layout, info, first)
+    return Evaluation(params, layout, info, methods, first, targets, extra_results)
+
+
+def _evaluate_seed(ev: Evaluation, seed: int, tracker: Tracker) -> None:
+    """Every method of one seed on every set; outcomes and the seed's probe are added to `ev`."""
+    bundle = ev.first if seed == ev.first.seed else load_bundle(ev.layout, seed)
+    _check_bundle(bundle, ev.info)
+    classifiers = build_classifiers(ev.methods, bundle, ev.info, ev.layout, ev.params)
+    if isinstance(classifiers.get("linear-probe"), LinearProbe):
+        ev.probes[seed] = classifiers["linear-probe"]  # type: ignore[assignment]
+    seed_outcomes = evaluate_seed(classifiers, bundle, ev.info, ev.targets, ev.params.evaluation.batch_size)
+    _log_children(tracker, seed_outcomes, ev.info, bundle, _baseline_tags(bundle, ev.probes.get(seed)))
+    ev.outcomes.extend(seed_outcomes)
+
+
+def _log_run(tracker: Tracker, ev: Evaluation, written: dict[str, Any]) -> None:
+    tracker.set_tags({"random_init": str(ev.first.random_init).lower(), "backbone": ev.first.identity})
+    tracker.log_metrics({k: v for k, v in written["metrics"].items() if isinstance(v, float)})
+    for path in written["artifacts"]:  # a folder's files land under eval/<folder>/
+        tracker.log_artifact(path, f"eval/{path.name}" if path.is_dir() else "eval")
 
 
 def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) -> None:
@@ -104,7 +146,7 @@ def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) ->
                 )
 
 
-def _check_bundle(bundle: FeatureBundle, info: ClassesInfo) -> None:
+def _check_bundle(bundle: FeatureBundle, info: ClassesManifest) -> None:
     if bundle.class_prompts.shape[0] != len(info.classnames):
         raise EvaluationError(
             f"the features hold {bundle.class_prompts.shape[0]} class prompts but {info.path} lists "
@@ -147,22 +189,22 @@ def _baseline_metrics(bundle: FeatureBundle, methods: list[str], probes: dict[in
     return recorded
 
 
-def _baseline_lines(bundle: FeatureBundle, probes: dict[int, LinearProbe], methods: list[str], info: ClassesInfo,
-                    targets: list[TransferTarget], params: Params) -> list[str]:
+def _baseline_lines(ev: Evaluation) -> list[str]:
     """What the report says about how each baseline was built (templates, the probe's C)."""
-    meta, lines = bundle.text_meta, []
+    methods, info, probes = ev.methods, ev.info, ev.probes
+    meta, lines = ev.first.text_meta, []
     if "zeroshot" in methods:
         lines.append(f"CLIP zero-shot on {info.dataset}: template {meta.get('zeroshot_template')!r} "
                      f"({meta.get('zeroshot_template_source', 'source not recorded')}).")
     if "zeroshot-ensemble" in methods:
         lines.append(f"CLIP zero-shot, template ensemble on {info.dataset}: "
                      f"{meta.get('ensemble_templates_source', 'source not recorded')}.")
-    for target in targets:
+    for target in ev.targets:
         if target.templates is not None:
             lines.append(f"Zero-shot baselines on {target.name} (cross-dataset): template {target.templates.zeroshot!r} "
                          f"({target.templates.zeroshot_source}); ensemble {target.templates.ensemble_source}.")
     if "linear-probe" in methods:
-        search = CSearch.from_config(params.evaluation)
+        search = CSearch.from_config(ev.params.evaluation)
         chosen = [f"seed {seed}: C={probe.regularisation_c:.4g} ({probe.fits} fits)" for seed, probe in probes.items()]
         lines.append(f"Linear probe: C chosen on validation by accuracy, then cross-entropy ({search.describe()}); "
                      + "; ".join(chosen) + ".")
@@ -175,7 +217,7 @@ def _backbone_names(identity: str) -> tuple[str, str]:
     return model, weights.removeprefix("tag:")
 
 
-def _child_name(outcome: SetOutcome, info: ClassesInfo) -> str:
+def _child_name(outcome: SetOutcome, info: ClassesManifest) -> str:
     base = f"{outcome.method}/seed{outcome.seed}"
     return base if outcome.scope == info.protocol else f"{outcome.scope}:{outcome.dataset}/{base}"
 
@@ -192,7 +234,7 @@ def _baseline_tags(bundle: FeatureBundle, probe: LinearProbe | None) -> dict[str
     return tags
 
 
-def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInfo, bundle: FeatureBundle,
+def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesManifest, bundle: FeatureBundle,
                   method_tags: dict[str, dict[str, str]] | None = None) -> None:
     groups: dict[tuple[str, str, str], list[SetOutcome]] = {}
     for outcome in outcomes:
@@ -209,54 +251,66 @@ def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesInf
                 child.set_tags({"not_applicable": "; ".join(notes)})
 
 
-def _write_outputs(params: Params, layout: Layout, info: ClassesInfo, bundle: FeatureBundle, methods: list[str],
-                   outcomes: list[SetOutcome], extra_results: list[Path], targets: list[TransferTarget],
-                   probes: dict[int, LinearProbe]) -> dict[str, Any]:
-    out = layout.eval
+def _write_outputs(ev: Evaluation) -> dict[str, Any]:
+    """eval/: results and per-class tables, metrics.json, the figures and report.md."""
+    out = ev.layout.eval
     plots_dir = out / "plots"
     shutil.rmtree(plots_dir, ignore_errors=True)  # figures of an earlier run must not linger beside these
     plots_dir.mkdir(parents=True, exist_ok=True)
-    results = results_frame(outcomes, shots=info.shots or params.data.shots, backbone=bundle.identity,
-                            random_init=bundle.random_init)
-    per_class = per_class_frame(outcomes)
+    tables = _tables(ev)
+    files = [write_parquet(tables.results, out / "results.parquet"), write_parquet(tables.per_class, out / "per_class.parquet")]
+    atomic_write_json(ev.layout.metrics, tables.metrics)
+    files.append(ev.layout.metrics)
+    figures, remarks = _figures(ev, tables, plots_dir)
+    report = out / "report.md"
+    atomic_write_text(report, render_report(_report_context(ev, tables, figures, remarks)))
+    files += [report, plots_dir]
+    return {"files": files, "metrics": tables.metrics, "artifacts": [report, ev.layout.metrics, out / "results.parquet",
+                                                                    out / "per_class.parquet", plots_dir]}
+
+
+def _tables(ev: Evaluation) -> Tables:
+    bundle = ev.first
+    results = results_frame(ev.outcomes, shots=ev.info.shots, backbone=bundle.identity, random_init=bundle.random_init)
     summary = summarise(results)
     metrics: dict[str, Any] = {**flat_metrics(summary), "random_init": bundle.random_init,
-                               **_baseline_metrics(bundle, methods, probes)}
-    files = [write_parquet(results, out / "results.parquet"), write_parquet(per_class, out / "per_class.parquet")]
-    atomic_write_json(layout.metrics, metrics)
-    files.append(layout.metrics)
+                               **_baseline_metrics(bundle, ev.methods, ev.probes)}
+    return Tables(results, per_class_frame(ev.outcomes), summary, metrics)
 
+
+def _figures(ev: Evaluation, tables: Tables, plots_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(caption, file) of every figure drawn into plots_dir, and the remarks the report adds about them."""
+    info, methods, params = ev.info, ev.methods, ev.params
     figures: list[tuple[str, str]] = []
-    remarks: list[str] = [note for target in targets for note in target.notes]
-    curve = shots_curve(results, extra_results, info.protocol, info.dataset, methods)
+    remarks: list[str] = [note for target in ev.targets for note in target.notes]
+    curve = shots_curve(tables.results, ev.extra_results, info.protocol, info.dataset, methods)
     if len(curve):
         label = "H (%)" if info.protocol == BASE2NEW else "accuracy (%)"
         path, remark = accuracy_vs_shots(curve, label, plots_dir / "accuracy_vs_shots.png",
                                          f"{info.dataset}: {label} against shots (mean ± std over seeds)")
         figures.append(("Accuracy against shots", path))
         remarks.append(remark)
-    figures += per_class_figures(per_class, methods, info.protocol, info.dataset, plots_dir)
+    figures += per_class_figures(tables.per_class, methods, info.protocol, info.dataset, plots_dir)
     confusion_method = "aape" if "aape" in methods else methods[-1]
-    for caption, path, remark in confusion_figures(outcomes, confusion_method, bundle.seed, info.protocol, plots_dir,
+    for caption, path, remark in confusion_figures(ev.outcomes, confusion_method, ev.first.seed, info.protocol, plots_dir,
                                                    params.evaluation.confusion_max_classes):
         figures.append((caption, path))
-    attention, remark = attention_figure(layout, bundle, info.train_classes, info.classnames,
+    attention, remark = attention_figure(ev.layout, ev.first, info.train_classes, info.classnames,
                                          params.evaluation.attention_examples, plots_dir / "attention_descriptions.png")
     remarks.append(remark)
     if attention is not None:
         figures.append(("Aggregator attention over one class's descriptions (the paper's figure 7)", attention))
+    return figures, remarks
 
+
+def _report_context(ev: Evaluation, tables: Tables, figures: list[tuple[str, str]], remarks: list[str]) -> ReportContext:
+    bundle, info, out = ev.first, ev.info, ev.layout.eval
     model_name, weights = _backbone_names(bundle.identity)
-    set_sizes = {(o.scope, o.dataset, o.eval_set): (o.total, len(o.classes)) for o in outcomes if o.applicable}
-    context = ReportContext(
-        dataset=info.dataset, protocol=info.protocol, shots=info.shots or params.data.shots, seeds=list(params.run.seeds),
+    set_sizes = {(o.scope, o.dataset, o.eval_set): (o.total, len(o.classes)) for o in ev.outcomes if o.applicable}
+    return ReportContext(
+        dataset=info.dataset, protocol=info.protocol, shots=info.shots, seeds=list(ev.params.run.seeds),
         backbone_model=model_name, pretrained=weights, identity=bundle.identity,
-        random_init=bundle.random_init, methods=methods, summary=summary, notes=notes_by_method(outcomes),
-        baselines=_baseline_lines(bundle, probes, methods, info, targets, params),
+        random_init=bundle.random_init, methods=ev.methods, summary=tables.summary, notes=notes_by_method(ev.outcomes),
+        baselines=_baseline_lines(ev),
         set_sizes=set_sizes, plots=[(caption, str(Path(p).relative_to(out))) for caption, p in figures], remarks=remarks,
     )
-    report = out / "report.md"
-    atomic_write_text(report, render_report(context))
-    files += [report, plots_dir]
-    return {"files": files, "metrics": metrics, "artifacts": [report, layout.metrics, out / "results.parquet",
-                                                             out / "per_class.parquet", plots_dir]}

@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from aape.config import Params
+from aape.data.manifests import ClassNames
 from aape.layout import Layout
 from aape.logs import stage
-from aape.prompts.generate import build_descriptions, log_counts, read_classes
+from aape.prompts.generate import ClassList, build_descriptions, log_counts
 from aape.prompts.table import write_descriptions, write_json_atomic
 from aape.tracking import NullTracker, Tracker
 
@@ -26,7 +27,8 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage(STAGE) as summary:
-        classes = read_classes(layout.classes_file)
+        names = ClassNames.read(layout.classes_file)  # every class gets descriptions: the names are all it needs
+        classes = ClassList(dataset=names.dataset, classnames=names.classnames)
         log.info("dataset '%s': %d classes from %s; source %s", classes.dataset, len(classes.classnames), layout.classes_file, params.prompts.source)
         result = build_descriptions(params, classes)
         write_descriptions(result.rows, layout.descriptions)

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from aape.atomic import atomic_write_json
 from aape.config import Params
 from aape.data.images import DataError, UnreadableImageError
-from aape.data.manifests import write_manifest
+from aape.data.manifests import ClassesManifest, write_manifest
 from aape.data.protocol import Shortfall, cap_per_class, class_plan, draw_fewshot
 from aape.data.records import SPLITS, DatasetSplits, MissingImagesError, Record, dataset_hash, find_missing_files
 from aape.data.registry import build_dataset, canonical_name
@@ -116,27 +116,25 @@ def _unique(shortfalls: list[Shortfall]) -> list[Shortfall]:
     return list({(s.label, s.wanted): s for s in shortfalls}.values())
 
 
-def _classes_json(splits: DatasetSplits, params: Params, train_classes, eval_sets, source_hash: str, n_skipped: int) -> dict[str, Any]:
+def _manifest(splits: DatasetSplits, params: Params, train_classes, eval_sets, source_hash: str, n_skipped: int) -> ClassesManifest:
     cfg = params.data
-    return {
-        "dataset": splits.name,
-        "image_root": splits.image_root,
-        "classnames": splits.classnames,
-        "protocol": cfg.protocol,
-        "train_classes": train_classes,
-        "eval_sets": eval_sets,
-        "split_hash": source_hash,
-        "seeds": list(params.run.seeds),
-        "shots": cfg.shots,
-        # additions beyond the contract's minimum
-        "val_shots": cfg.effective_val_shots,
-        "test_per_class": cfg.test_per_class,
-        "num_classes": splits.num_classes,
-        "split_source": splits.split_source,
-        "official_split": splits.official_split,
-        "notes": splits.notes,
-        "skipped_images": n_skipped,
-    }
+    return ClassesManifest(
+        dataset=splits.name,
+        image_root=splits.image_root,
+        classnames=splits.classnames,
+        protocol=cfg.protocol,
+        train_classes=train_classes,
+        eval_sets=eval_sets,
+        split_hash=source_hash,
+        seeds=list(params.run.seeds),
+        shots=cfg.shots,
+        val_shots=cfg.effective_val_shots,
+        test_per_class=cfg.test_per_class,
+        split_source=splits.split_source,
+        official_split=splits.official_split,
+        notes=splits.notes,
+        skipped_images=n_skipped,
+    )
 
 
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -157,7 +155,8 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         draws, test, shortfalls = _plan_checked(splits, params, train_classes, skipped)
 
         meta = {"dataset": splits.name, "split_hash": source_hash, "image_root": splits.image_root}
-        outputs = [atomic_write_json(layout.classes_file, _classes_json(splits, params, train_classes, eval_sets, source_hash, len(skipped)))]
+        classes = _manifest(splits, params, train_classes, eval_sets, source_hash, len(skipped))
+        outputs = [classes.write(layout.classes_file)]
         for name, records in (("train", splits.train), ("val", splits.val), ("test", test)):
             outputs.append(write_manifest(records, layout.split_manifest(name), {**meta, "split": name}))
         for seed, parts in draws.items():

@@ -11,16 +11,22 @@ kept unless aggregator.schedule.select is best-val (validation reward; never tes
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from aape.backbone import resolve_device
-from aape.config import Params
+from aape.config import AggregatorConfig, Params
+from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.logs import stage
-from aape.method.aggregator import aggregator_from_config, save_aggregator
+from aape.method.aggregator import Aggregator, aggregator_from_config, save_aggregator
 from aape.atomic import atomic_save_tensors, atomic_write_json
-from aape.method.inputs import description_bank, load_seed_inputs, read_classes, remove_quietly
-from aape.method.objectives import RewardObjective, compute_summaries, seeded, summarize_images, train_aggregator
+from aape.method.descriptions import DescriptionBank
+from aape.method.inputs import SeedInputs, description_bank, load_seed_inputs, remove_quietly
+from aape.method.objectives import RewardObjective, TrainingSet, compute_summaries, seeded, summarize_images, train_aggregator
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -28,15 +34,48 @@ log = logging.getLogger(__name__)
 NAME = "train-aggregator"
 
 
+@dataclass
+class SeedRun:
+    """One seed's aggregator training: configuration, prepared data, inputs, where to write."""
+
+    params: Params
+    classes: ClassesManifest
+    seed: int
+    directory: Path  # aggregator/seed{S}/
+    inputs: SeedInputs
+    outputs: list  # the stage summary's outputs: every file written is appended
+
+    @property
+    def cfg(self) -> AggregatorConfig:
+        return self.params.aggregator
+
+    @property
+    def epochs(self) -> int:
+        """CoOp's count for the shots and dataset the data was prepared with (classes.json), not params.data's."""
+        return self.cfg.schedule.resolved_epochs(self.classes.shots, self.classes.dataset)
+
+
+@dataclass
+class Trained:
+    """What training (or, for mean / random, only validating) the aggregator gave."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best: dict[str, float]  # the kept epoch's validation figures
+    initial: dict[str, Any]  # the untrained aggregator's
+
+
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage(NAME) as summary:
-        classes = read_classes(layout)
+        classes = ClassesManifest.read(layout.classes_file)
         per_seed = {}
         for seed in params.run.seeds:
             with tracker.child(f"aggregator/seed{seed}", tags={"seed": str(seed), "variant": params.aggregator.variant}) as child:
-                per_seed[seed] = _train_seed(params, layout, classes, seed, child, summary["outputs"])
+                seed_run = SeedRun(params, classes, seed, layout.seed_dir(layout.aggregator, seed),
+                                   load_seed_inputs(layout, seed, classes), summary["outputs"])  # fmt: skip
+                per_seed[seed] = _train_seed(seed_run, child)
         rewards = [r["best_val_reward"] for r in per_seed.values()]
         summary.update(
             variant=params.aggregator.variant,
@@ -47,74 +86,94 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     return summary
 
 
-def _train_seed(params: Params, layout: Layout, classes: dict, seed: int, tracker: Tracker, outputs: list) -> dict[str, Any]:
-    cfg = params.aggregator
-    out = layout.seed_dir(layout.aggregator, seed)
-    device = resolve_device(params.run.device)
-    inputs = load_seed_inputs(layout, seed, classes)
+def _train_seed(run: SeedRun, tracker: Tracker) -> dict[str, Any]:
+    cfg, inputs, device = run.cfg, run.inputs, resolve_device(run.params.run.device)
     facts = inputs.backbone_facts()
     if facts["random_init"]:
         tracker.set_tags({"random_init": "true"})
-    bank = description_bank(inputs, classes["classnames"], cfg.max_descriptions)
-    with seeded(seed):
-        aggregator = aggregator_from_config(cfg, inputs.bundle.embed_dim, seed)
-    n_params = sum(p.numel() for p in aggregator.parameters())
-    epochs = cfg.schedule.resolved_epochs(params.data.shots, classes["dataset"])
-    log.info(
-        "seed %d: aggregator '%s' (%d parameters) on %d images x %d views, %d classes, %d-%d descriptions per class",
-        seed, cfg.variant, n_params, inputs.data.num_items, inputs.data.num_views, len(bank),
-        int(bank.counts.min()), int(bank.counts.max()),
-    )  # fmt: skip
-    tracker.log_params({"aggregator_params": n_params, "epochs": epochs, "seed": seed, "variant": cfg.variant})
-    tracker.log_metrics({"aggregator_params": n_params})
+    bank = description_bank(inputs, run.classes.classnames, cfg.max_descriptions)
+    with seeded(run.seed):
+        aggregator = aggregator_from_config(cfg, inputs.bundle.embed_dim, run.seed)
+    _announce(run, aggregator, bank, tracker)
     data, bank_dev = inputs.data.to(device), bank.to(device)
     aggregator.to(device)
-    resume = out / "resume.pt"
-    if aggregator.trainable:
-        fingerprint = inputs.fingerprint("aggregator", cfg.model_dump(mode="json"), seed, epochs, bank.mask.sum().item())
-        result = train_aggregator(
-            aggregator, data, bank_dev, cfg.schedule, epochs, seed, cfg.reward_scale, resume, fingerprint, tracker
-        )
-        history, best_epoch, best, initial = result.history, result.best_epoch, result.best_figures, result.initial
-        _warn_if_no_signal(history, facts["random_init"])
-    else:  # mean / random: nothing to learn, but report the same validation figures
-        log.info("aggregator '%s' has no parameters: no training", cfg.variant)
-        history, best_epoch = [], 0
-        objective = RewardObjective(data, bank_dev, cfg.reward_scale)
-        best = initial = {**objective.validate(aggregator), **objective.diagnostics(aggregator)}
-        tracker.log_metrics({k: v for k, v in best.items() if v == v}, step=0)
-    summaries, clean = compute_summaries(aggregator, data.views, inputs.clean.to(device), data.labels, bank_dev)
-    val_summaries = summarize_images(aggregator, data.val_features, data.val_labels, bank_dev)
+    trained = _train(run, aggregator, data, bank_dev, tracker)
     meta = {
         **facts,
-        "seed": seed,
+        "seed": run.seed,
         "variant": cfg.variant,
         "config": cfg.model_dump(mode="json"),
         "classnames": inputs.classnames,
         "train_classes": inputs.train_classes,
         "descriptions_per_class": bank.counts.tolist(),
-        "epochs": epochs if aggregator.trainable else 0,
-        "best_epoch": best_epoch,
-        "best_val_reward": best["val_reward"],
+        "epochs": run.epochs if aggregator.trainable else 0,
+        "best_epoch": trained.best_epoch,
+        "best_val_reward": trained.best["val_reward"],
     }
+    _write(run, aggregator, _summaries(run, aggregator, data, bank_dev), meta, trained)
+    log.info("seed %d: kept epoch %d (%s), validation reward %.4f", run.seed, trained.best_epoch, cfg.schedule.select, trained.best["val_reward"])
+    return {"best_epoch": trained.best_epoch, "best_val_reward": trained.best["val_reward"], "params": _n_params(aggregator),
+            "random_init": facts["random_init"]}  # fmt: skip
+
+
+def _n_params(aggregator: Aggregator) -> int:
+    return sum(p.numel() for p in aggregator.parameters())
+
+
+def _announce(run: SeedRun, aggregator: Aggregator, bank: DescriptionBank, tracker: Tracker) -> None:
+    cfg, data, n_params = run.cfg, run.inputs.data, _n_params(aggregator)
+    log.info(
+        "seed %d: aggregator '%s' (%d parameters) on %d images x %d views, %d classes, %d-%d descriptions per class",
+        run.seed, cfg.variant, n_params, data.num_items, data.num_views, len(bank),
+        int(bank.counts.min()), int(bank.counts.max()),
+    )  # fmt: skip
+    tracker.log_params({"aggregator_params": n_params, "epochs": run.epochs, "seed": run.seed, "variant": cfg.variant})
+    tracker.log_metrics({"aggregator_params": n_params})
+
+
+def _train(run: SeedRun, aggregator: Aggregator, data: TrainingSet, bank: DescriptionBank, tracker: Tracker) -> Trained:
+    """train_aggregator, resumable from resume.pt; a variant without parameters is only validated."""
+    cfg = run.cfg
+    if aggregator.trainable:
+        fingerprint = run.inputs.fingerprint("aggregator", cfg.model_dump(mode="json"), run.seed, run.epochs, bank.mask.sum().item())
+        result = train_aggregator(
+            aggregator, data, bank, cfg.schedule, run.epochs, run.seed, cfg.reward_scale, run.directory / "resume.pt", fingerprint, tracker
+        )
+        _warn_if_no_signal(result.history, run.inputs.bundle.random_init)
+        return Trained(result.history, result.best_epoch, result.best_figures, result.initial)
+    # mean / random: nothing to learn, but report the same validation figures
+    log.info("aggregator '%s' has no parameters: no training", cfg.variant)
+    objective = RewardObjective(data, bank, cfg.reward_scale)
+    best = {**objective.validate(aggregator), **objective.diagnostics(aggregator)}
+    tracker.log_metrics({k: v for k, v in best.items() if v == v}, step=0)
+    return Trained([], 0, best, best)
+
+
+def _summaries(run: SeedRun, aggregator: Aggregator, data: TrainingSet, bank: DescriptionBank) -> dict[str, torch.Tensor]:
+    """p^a of every training view and clean image, and of the validation images: what distillation learns from."""
+    device = resolve_device(run.params.run.device)
+    summaries, clean = compute_summaries(aggregator, data.views, run.inputs.clean.to(device), data.labels, bank)
+    val_summaries = summarize_images(aggregator, data.val_features, data.val_labels, bank)
+    bundle = run.inputs.bundle
+    return {"summaries": summaries, "clean": clean, "labels": bundle.train_labels, "rows": bundle.train_rows} | (
+        {"val": val_summaries} if len(val_summaries) else {}
+    )
+
+
+def _write(run: SeedRun, aggregator: Aggregator, tensors: dict[str, torch.Tensor], meta: dict[str, Any], trained: Trained) -> None:
+    """aggregator.safetensors + .json, summaries.safetensors and history.json; the resume state goes."""
+    out = run.directory
     paths = save_aggregator(aggregator.cpu(), out, meta)
     summaries_path = out / "summaries.safetensors"
-    atomic_save_tensors(
-        summaries_path,
-        {"summaries": summaries, "clean": clean, "labels": inputs.bundle.train_labels, "rows": inputs.bundle.train_rows}
-        | ({"val": val_summaries} if len(val_summaries) else {}),
-        {k: meta[k] for k in ("backbone_identity", "random_init", "embed_dim", "seed", "variant")},
-    )
+    atomic_save_tensors(summaries_path, tensors, {k: meta[k] for k in ("backbone_identity", "random_init", "embed_dim", "seed", "variant")})
     history_path = out / "history.json"
     atomic_write_json(
         history_path,
-        {**{k: meta[k] for k in ("seed", "variant", "random_init", "epochs", "best_epoch")}, "select": cfg.schedule.select,
-         "initial": initial, "best": best, "history": history},
+        {**{k: meta[k] for k in ("seed", "variant", "random_init", "epochs", "best_epoch")}, "select": run.cfg.schedule.select,
+         "initial": trained.initial, "best": trained.best, "history": trained.history},
     )  # fmt: skip
-    remove_quietly(resume)
-    outputs.extend([*paths, summaries_path, history_path])
-    log.info("seed %d: kept epoch %d (%s), validation reward %.4f", seed, best_epoch, cfg.schedule.select, best["val_reward"])
-    return {"best_epoch": best_epoch, "best_val_reward": best["val_reward"], "params": n_params, "random_init": facts["random_init"]}
+    remove_quietly(out / "resume.pt")
+    run.outputs.extend([*paths, summaries_path, history_path])
 
 
 def _warn_if_no_signal(history: list[dict[str, Any]], random_init: bool) -> None:
