@@ -124,6 +124,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tiny_backbone, tmp_path:
 
 def test_two_runs_of_one_prompt_plan_request_each_answer_once(tmp_path: Path, monkeypatch, caplog):
     from aape.config import load_params
+    from aape.data.manifests import ClassNames
     from aape.prompts import generate
     from aape.prompts.answers import RunStats, make_entry
 
@@ -138,7 +139,7 @@ def test_two_runs_of_one_prompt_plan_request_each_answer_once(tmp_path: Path, mo
 
     monkeypatch.setattr(generate, "_answer_missing", fake_llm)
     params = load_params(None, [f"run.cache_dir={tmp_path / 'cache'}", "prompts.max_templates=1", "prompts.n_per_template=2"])
-    classes = generate.ClassList("eurosat", ["Forest", "River"])
+    classes = ClassNames("eurosat", ["Forest", "River"])
     results: list = [None, None]
 
     def describe(slot: int) -> None:

@@ -16,8 +16,9 @@ from aape.data.registry import FEWSHOT_DATASETS
 from aape.prompts import DESCRIPTION_COLUMNS, descriptions_by_class, load_descriptions
 from aape.prompts.answers import Sampling
 from aape.prompts.cleaning import clean_answers, clean_text, is_refusal
-from aape.prompts.errors import ClassesFileError, PromptsError, TemplateError, TooFewDescriptionsError
-from aape.prompts.generate import ClassList, check_min_per_class, plan_jobs, read_classes
+from aape.prompts.errors import PromptsError, TemplateError, TooFewDescriptionsError
+from aape.data.manifests import ClassesManifestError, ClassNames
+from aape.prompts.generate import check_min_per_class, plan_jobs
 from aape.prompts.journal import Journal, request_key
 from aape.prompts.table import write_descriptions
 from aape.prompts.templates import GENERIC, available_template_sets, display_name, load_template_file, select_templates
@@ -131,7 +132,7 @@ def test_request_key_changes_with_everything_that_changes_the_answer(field, othe
 
 
 def test_more_samples_per_template_only_add_jobs():
-    classes = ClassList("eurosat", ["Forest", "River"])
+    classes = ClassNames("eurosat", ["Forest", "River"])
     templates = select_templates("auto", "eurosat", max_templates=2)
     identity = {"source": "local", "model": "m"}
     small = plan_jobs(classes, templates, 2, Sampling(0.99, 50), identity)
@@ -192,22 +193,22 @@ def test_load_descriptions_rejects_missing_and_foreign_files(tmp_path: Path):
 
 
 # class lists and checks ------------------------------------------------------------------------------
-def test_read_classes(tmp_path: Path):
+def test_generate_prompts_reads_the_class_names_that_prepare_data_wrote(tmp_path: Path):
     path = tmp_path / "classes.json"
-    with pytest.raises(ClassesFileError, match="prepare-data"):
-        read_classes(path)
+    with pytest.raises(ClassesManifestError, match="prepare-data"):
+        ClassNames.read(path)
     path.write_text("{not json")
-    with pytest.raises(ClassesFileError, match="not valid JSON"):
-        read_classes(path)
+    with pytest.raises(ClassesManifestError, match=str(path)):
+        ClassNames.read(path)
     path.write_text(json.dumps({"dataset": "eurosat", "classnames": ["Forest", ""]}))
-    with pytest.raises(ClassesFileError, match="classnames"):
-        read_classes(path)
+    with pytest.raises(ClassesManifestError, match="classnames"):
+        ClassNames.read(path)
     path.write_text(json.dumps({"dataset": "eurosat", "classnames": ["Forest", "River"], "protocol": "base2new"}))
-    assert read_classes(path) == ClassList("eurosat", ["Forest", "River"])
+    assert ClassNames.read(path) == ClassNames("eurosat", ["Forest", "River"])
 
 
 def test_too_few_descriptions_names_the_class():
-    classes = ClassList("eurosat", ["Forest", "River", "Sea"])
+    classes = ClassNames("eurosat", ["Forest", "River", "Sea"])
     check_min_per_class(classes, [3, 3, 3], 3, {})
     with pytest.raises(TooFewDescriptionsError) as err:
         check_min_per_class(classes, [3, 1, 3], 2, {"refusal": 2})

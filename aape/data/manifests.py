@@ -258,19 +258,6 @@ class ClassesManifest(ClassNames):
         return atomic_write_json(path, self.to_json())
 
 
-def read_classes(path: Path, required: Sequence[str] = ("dataset", "classnames")) -> dict[str, Any]:
-    """classes.json as a raw dict with the `required` keys present.
-
-    Kept only for `aape.prompts.generate.read_classes`, which predates ClassesManifest: stages read
-    `ClassesManifest.read` (or `ClassNames.read`); errors are the same ClassesManifestError."""
-    path = Path(path)
-    tree = _load_object(path)
-    missing = [key for key in required if key not in tree]
-    if missing:
-        raise ClassesManifestError(f"{path} lacks the key(s) {', '.join(missing)}; {RERUN}")
-    return tree
-
-
 def _sample(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -9,10 +9,6 @@ class PromptsError(AAPEError, ValueError):
     """Bad input to the prompt stage: a class list, a template choice, a description file."""
 
 
-class ClassesFileError(PromptsError):
-    """data/classes.json is missing or lacks the documented keys."""
-
-
 class TemplateError(PromptsError):
     """The template file or the prompts.templates choice is wrong."""
 

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from aape.config import Params, PromptsConfig
-from aape.data.images import DataError
-from aape.data.manifests import read_classes as read_classes_file
+from aape.data.manifests import ClassNames
 from aape.data.registry import class_renames
 from aape.locks import exclusive_lock
 from aape.prompts.answers import RunStats, Sampling
 from aape.prompts.cleaning import CleanResult, clean_answers
 from aape.prompts.cupl import Match, check_unmatched, log_unused_keys, mark_empty, match_classes, read_cupl_file
-from aape.prompts.errors import ClassesFileError, TooFewDescriptionsError
+from aape.prompts.errors import TooFewDescriptionsError
 from aape.prompts.journal import Journal, SampleJob, request_key
 from aape.prompts.templates import TemplateSet, display_name, select_templates
 
@@ -36,31 +35,10 @@ FALLBACK_SOURCE = "fallback"
 OPENAI_DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 
 
-@dataclass(frozen=True)
-class ClassList:
-    dataset: str
-    classnames: list[str]
-
-
 @dataclass
 class Descriptions:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
-
-
-def read_classes(path: str | Path) -> ClassList:
-    """data/classes.json -> its dataset name and class names (every class gets descriptions)."""
-    path = Path(path)
-    try:
-        tree = read_classes_file(path, required=())
-    except DataError as exc:
-        raise ClassesFileError(str(exc)) from None
-    dataset, names = tree.get("dataset"), tree.get("classnames")
-    if not isinstance(dataset, str) or not dataset:
-        raise ClassesFileError(f"{path}: key 'dataset' must be a non-empty string")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ClassesFileError(f"{path}: key 'classnames' must be a non-empty list of non-empty strings")
-    return ClassList(dataset=dataset, classnames=names)
 
 
 # planning ------------------------------------------------------------------------------------------
@@ -71,7 +49,7 @@ def source_identity(cfg: PromptsConfig) -> dict[str, str]:
     return {"source": "local", "model": cfg.local.model}
 
 
-def plan_jobs(classes: ClassList, templates: TemplateSet, n_per_template: int, sampling: Sampling, identity: dict[str, str]) -> list[SampleJob]:
+def plan_jobs(classes: ClassNames, templates: TemplateSet, n_per_template: int, sampling: Sampling, identity: dict[str, str]) -> list[SampleJob]:
     """One job per (class, LLM-prompt, sample index), in the order rows are written."""
     jobs = []
     for index, name in enumerate(classes.classnames):
@@ -108,7 +86,7 @@ def _answer_missing(params: Params, jobs: list[SampleJob], system: str, sampling
     return answer_jobs_local(jobs, cfg.local, system, sampling, persist, device=params.run.device)
 
 
-def generate_from_llm(params: Params, classes: ClassList) -> Descriptions:
+def generate_from_llm(params: Params, classes: ClassNames) -> Descriptions:
     """Ask the configured LLM (journal first), then clean and assemble the rows."""
     cfg = params.prompts
     templates = select_templates(cfg.templates, classes.dataset, cfg.max_templates)
@@ -161,7 +139,7 @@ def _request_into_journal(params: Params, missing: list[SampleJob], system: str,
         journal.close()
 
 
-def _rows_from_answers(classes: ClassList, jobs: list[SampleJob], answers: dict[str, dict[str, Any]], trim_truncated: bool) -> tuple[list[dict[str, Any]], Counter]:
+def _rows_from_answers(classes: ClassNames, jobs: list[SampleJob], answers: dict[str, dict[str, Any]], trim_truncated: bool) -> tuple[list[dict[str, Any]], Counter]:
     rows: list[dict[str, Any]] = []
     dropped: Counter = Counter()
     by_class: dict[int, list[SampleJob]] = {}
@@ -193,7 +171,7 @@ def _rows_from_answers(classes: ClassList, jobs: list[SampleJob], answers: dict[
     return rows, dropped
 
 
-def import_cupl(params: Params, classes: ClassList) -> Descriptions:
+def import_cupl(params: Params, classes: ClassNames) -> Descriptions:
     """Rows from a CuPL-style JSON file; unmatched classes fail unless prompts.allow_unmatched."""
     cfg = params.prompts
     path = Path(cfg.file or "")
@@ -214,7 +192,7 @@ def import_cupl(params: Params, classes: ClassList) -> Descriptions:
     return Descriptions(rows, summary)
 
 
-def _imported_rows(classes: ClassList, tree: dict[str, list[str]], match: Match, cleaned: dict[str, CleanResult],
+def _imported_rows(classes: ClassNames, tree: dict[str, list[str]], match: Match, cleaned: dict[str, CleanResult],
                    source: str) -> tuple[list[dict[str, Any]], Counter]:  # fmt: skip
     """The matched classes' cleaned sentences in file order; the fallback for the unmatched."""
     base = {"dataset": classes.dataset, "temperature": None, "request_id": None, "prompt_tokens": None,
@@ -236,7 +214,7 @@ def _imported_rows(classes: ClassList, tree: dict[str, list[str]], match: Match,
 
 
 # checks and summary ----------------------------------------------------------------------------------
-def per_class_counts(classes: ClassList, rows: list[dict[str, Any]]) -> list[int]:
+def per_class_counts(classes: ClassNames, rows: list[dict[str, Any]]) -> list[int]:
     counts = [0] * len(classes.classnames)
     for row in rows:
         counts[row["class_index"]] += 1
@@ -250,7 +228,7 @@ def file_remedy(path: str) -> str:
     return f"Add descriptions for those classes to {path}"
 
 
-def check_min_per_class(classes: ClassList, counts: list[int], minimum: int, dropped: Counter, remedy: str = LLM_REMEDY) -> None:
+def check_min_per_class(classes: ClassNames, counts: list[int], minimum: int, dropped: Counter, remedy: str = LLM_REMEDY) -> None:
     """`remedy` says how the source gets more descriptions (more samples, or a fuller file)."""
     short = [(i, classes.classnames[i], n) for i, n in enumerate(counts) if n < minimum]
     if short:
@@ -268,7 +246,7 @@ def _cost(cfg: PromptsConfig, prompt_tokens: int, completion_tokens: int) -> flo
     return prompt_tokens / 1000 * cfg.openai.price_per_1k_input_tokens + completion_tokens / 1000 * cfg.openai.price_per_1k_output_tokens
 
 
-def _summary(params: Params, classes: ClassList, rows: list[dict[str, Any]], dropped: Counter, stats: RunStats,
+def _summary(params: Params, classes: ClassNames, rows: list[dict[str, Any]], dropped: Counter, stats: RunStats,
              jobs: list[SampleJob], from_journal: int, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     cfg = params.prompts
     counts = per_class_counts(classes, rows)
@@ -310,7 +288,7 @@ def _summary(params: Params, classes: ClassList, rows: list[dict[str, Any]], dro
     }
 
 
-def build_descriptions(params: Params, classes: ClassList) -> Descriptions:
+def build_descriptions(params: Params, classes: ClassNames) -> Descriptions:
     """The rows and summary for the configured source, checked against prompts.min_per_class."""
     result = import_cupl(params, classes) if params.prompts.source == "cupl-json" else generate_from_llm(params, classes)
     counts = per_class_counts(classes, result.rows)
@@ -321,7 +299,7 @@ def build_descriptions(params: Params, classes: ClassList) -> Descriptions:
     return result
 
 
-def log_counts(classes: ClassList, rows: list[dict[str, Any]], limit: int = 50) -> None:
+def log_counts(classes: ClassNames, rows: list[dict[str, Any]], limit: int = 50) -> None:
     """Per-class counts (all of them for up to `limit` classes, else the spread and the smallest)."""
     counts = per_class_counts(classes, rows)
     if len(counts) <= limit:

@@ -14,7 +14,7 @@ from aape.config import Params
 from aape.data.manifests import ClassNames
 from aape.layout import Layout
 from aape.logs import stage
-from aape.prompts.generate import ClassList, build_descriptions, log_counts
+from aape.prompts.generate import build_descriptions, log_counts
 from aape.prompts.table import write_descriptions, write_json_atomic
 from aape.tracking import NullTracker, Tracker
 
@@ -27,8 +27,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     with stage(STAGE) as summary:
-        names = ClassNames.read(layout.classes_file)  # every class gets descriptions: the names are all it needs
-        classes = ClassList(dataset=names.dataset, classnames=names.classnames)
+        classes = ClassNames.read(layout.classes_file)  # every class gets descriptions: the names are all it needs
         log.info("dataset '%s': %d classes from %s; source %s", classes.dataset, len(classes.classnames), layout.classes_file, params.prompts.source)
         result = build_descriptions(params, classes)
         write_descriptions(result.rows, layout.descriptions)
