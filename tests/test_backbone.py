@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aape.backbone import BackboneError, load_backbone
+from aape.backbone import BackboneError, _pooled_length, encode_text_trimmed, load_backbone
 from aape.config import BackboneConfig
 
 
@@ -101,3 +101,25 @@ def test_explicit_devices_are_kept_and_a_missing_cuda_is_an_error(monkeypatch):
     assert [resolve_device(name) for name in ("cpu", "mps")] == [torch.device("cpu"), torch.device("mps")]
     with pytest.raises(BackboneError, match="run.device is 'cuda' but no CUDA device is visible"):
         resolve_device("cuda")
+
+
+def test_text_cut_to_the_last_end_of_text_token_equals_the_full_77_positions(tiny_backbone):
+    model = tiny_backbone.model
+    tokens = tiny_backbone.tokenizer(["a photo of a cat.", "a satellite photo of a river crossing a large green forest, seen from above."])
+    full = model.encode_text(tokens)
+    cut_at = _pooled_length(model, tokens)
+    assert cut_at == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # the longer text's end-of-text token + 1
+    torch.testing.assert_close(encode_text_trimmed(model, tokens), full, rtol=1e-5, atol=1e-5)
+    # a batch of short texts is cut shorter, and each row still equals its full-length embedding
+    short = tiny_backbone.tokenizer(["a cat.", "a dog."])
+    assert _pooled_length(model, short) < cut_at
+    torch.testing.assert_close(encode_text_trimmed(model, short), model.encode_text(short), rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_batches_give_every_text_its_own_embedding(tiny_backbone):
+    from aape.features.text_encoder import _encode
+
+    texts = ["a much longer description of a forest with many tall trees.", "a cat.", "a river seen from far above.", "a dog."]
+    batched = _encode(tiny_backbone, texts, batch_size=2, desc="texts")
+    one_by_one = torch.cat([tiny_backbone.encode_texts([t]) for t in texts])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)

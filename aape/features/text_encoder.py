@@ -41,10 +41,14 @@ def encode_texts_cached(
 
 def _encode(backbone: Backbone, texts: list[str], batch_size: int, desc: str) -> torch.Tensor:
     features = torch.empty(len(texts), backbone.embed_dim)
+    # Batches of similar length: each batch is cut to its longest text (Backbone.encode_texts), so
+    # sorting keeps one long description from making a whole batch pay for 77 positions.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     starts = range(0, len(texts), batch_size)
     start_time = time.perf_counter()
     for start in progress(starts, f"encode {desc}", total=len(starts), unit="batch"):
-        features[start : start + batch_size] = backbone.encode_texts(texts[start : start + batch_size]).cpu()
+        rows = order[start : start + batch_size]
+        features[rows] = backbone.encode_texts([texts[i] for i in rows]).cpu()
     seconds = time.perf_counter() - start_time
     log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(texts), desc, seconds, len(texts) / max(seconds, 1e-9))
     return features
