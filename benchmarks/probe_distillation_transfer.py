@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aape.config import AggregatorConfig  # noqa: E402
 from aape.evaluation.classifiers import zeroshot  # noqa: E402
 from aape.method.aggregator import aggregator_from_config  # noqa: E402
-from aape.method.descriptions import to_local  # noqa: E402
+from aape.labels import to_local  # noqa: E402
 from aape.method.objectives import best_constant, compute_summaries, seeded, summarize_images, train_aggregator  # noqa: E402
 from aape.synthetic.proxy import accuracy_on  # noqa: E402
 from aape.synthetic.world import SYNTHETIC_NOTICE, ImageSet, make_world, preset  # noqa: E402

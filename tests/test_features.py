@@ -410,11 +410,13 @@ def test_explicit_baseline_templates_replace_the_dataset_ones(run_params, stage_
 def test_text_features_of_an_older_version_ask_for_a_re_extraction(run_params, stage_backbone):
     from safetensors.torch import load_file
 
+    from aape.atomic import atomic_save_tensors
+
     layout = Layout.from_params(run_params)
     extract_features.run(run_params)
     path = layout.features / "text.safetensors"
     old = {k: v for k, v in load_file(str(path)).items() if k != "class_zeroshot"}
-    bundle_mod.atomic_save_tensors(path, old, {"identity": stage_backbone.identity})
+    atomic_save_tensors(path, old, {"identity": stage_backbone.identity})
     bundle = load_bundle(layout, 1)  # the method stages need class_prompts only and still load
     assert bundle.class_zeroshot is None and bundle.class_prompts.shape[0] == len(CLASSNAMES)
     with pytest.raises(FeatureError, match=r"no class_zeroshot.*Re-run `aape extract-features`"):

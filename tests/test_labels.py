@@ -9,7 +9,7 @@ import torch
 from aape.evaluation.classifiers import LinearProbe, NotApplicable
 from aape.evaluation.results import select_eval_set
 from aape.labels import LabelMismatchError, local_positions, to_local
-from aape.method.descriptions import to_local as method_to_local
+import aape.method
 
 
 def test_positions_follow_the_subset_order_and_mark_outsiders():
@@ -30,8 +30,8 @@ def test_to_local_maps_or_names_the_unknown_labels():
     assert issubclass(LabelMismatchError, ValueError)  # what the method's to_local raised
 
 
-def test_the_method_and_the_synthetic_worlds_get_the_same_function():
-    assert method_to_local is to_local
+def test_the_method_package_exports_the_one_label_map():
+    assert aape.method.to_local is to_local
 
 
 def test_evaluation_keeps_the_images_of_the_set_with_local_labels():

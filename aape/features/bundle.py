@@ -30,7 +30,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
-from aape.atomic import atomic_save_tensors  # noqa: F401 (aape.features.cache writes through this name)
 from aape.errors import AAPEError
 from aape.layout import Layout
 

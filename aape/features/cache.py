@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from aape.atomic import atomic_write_json
-from aape.features.bundle import atomic_save_tensors, read_metadata
+from aape.atomic import atomic_save_tensors
+from aape.features.bundle import read_metadata
 from aape.locks import exclusive_lock
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from aape.errors import AAPEError
-from aape.labels import to_local  # noqa: F401 (re-exported: aape.method and the synthetic worlds import it here)
 
 
 class MissingDescriptionsError(AAPEError, ValueError):

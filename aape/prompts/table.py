@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aape.atomic import atomic_write_json, atomic_write_stream
+from aape.atomic import atomic_write_stream
 from aape.prompts.errors import PromptsError
 
 # The contract of docs/architecture.md, in order. Nullable fields are null where a source has no
@@ -32,11 +32,6 @@ DESCRIPTION_SCHEMA = pa.schema(
     ]
 )
 DESCRIPTION_COLUMNS: tuple[str, ...] = tuple(DESCRIPTION_SCHEMA.names)
-
-
-# The stage writes summary.json with this name (aape/stages/generate_prompts.py); it is the project's
-# one JSON writer, not a copy of it.
-write_json_atomic = atomic_write_json
 
 
 def write_descriptions(rows: list[dict[str, Any]], path: Path) -> None:

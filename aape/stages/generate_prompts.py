@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from aape.atomic import atomic_write_json
 from aape.config import Params
 from aape.data.manifests import ClassNames
 from aape.layout import Layout
 from aape.logs import stage
 from aape.prompts.generate import build_descriptions, log_counts
-from aape.prompts.table import write_descriptions, write_json_atomic
+from aape.prompts.table import write_descriptions
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         result = build_descriptions(params, classes)
         write_descriptions(result.rows, layout.descriptions)
         summary_file = layout.prompts / "summary.json"
-        write_json_atomic(summary_file, result.summary)
+        atomic_write_json(summary_file, result.summary)
         summary["outputs"] += [str(layout.descriptions), str(summary_file)]
 
         figures = result.summary

@@ -8,7 +8,6 @@ PASS/FAIL lines. benchmarks/bench_generalization.py prints them; tests run small
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -39,7 +38,7 @@ from aape.method.objectives import (
     train_aggregator,
     train_generator,
 )
-from aape.method.descriptions import to_local
+from aape.labels import to_local
 from aape.synthetic.world import DescriptionKind, ProxyWorld, WorldSpec, make_world
 
 BASELINES = ("zeroshot", "cupl", "linear-probe", "aape-nodistill")

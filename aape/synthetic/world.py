@@ -45,7 +45,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.nn import functional as F
 
-from aape.method.descriptions import DescriptionBank, to_local
+from aape.labels import to_local
+from aape.method.descriptions import DescriptionBank
 from aape.method.objectives import TrainingSet
 
 SYNTHETIC_NOTICE = "SYNTHETIC EMBEDDINGS (a CLIP-like proxy world, no real CLIP): figures test the method's behaviour, not CLIP's accuracy"
