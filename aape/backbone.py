@@ -52,6 +52,9 @@ class Backbone:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype = torch.float32
+    jpeg_draft: bool = True
+    # PIL operations only, ending in uint8 [3, H, W]: decoding workers ship a quarter of float32's
+    # bytes, and the encoder normalises (`normalize`), on the GPU when there is one
     eval_transform: T.Compose = field(repr=False, default=None)  # type: ignore[assignment]
     train_transform: T.Compose = field(repr=False, default=None)  # type: ignore[assignment]
 
@@ -59,10 +62,27 @@ class Backbone:
     def random_init(self) -> bool:
         return self.pretrained == RANDOM_INIT
 
+    @property
+    def draft_size(self) -> int | None:
+        """What the evaluation view's JPEG decoding may scale down to (aape.data.images.open_image)."""
+        return self.image_size if self.jpeg_draft else None
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the model's input: /255, minus mean, over std, in float32 on the backbone's
+        device (the same operations, in the same order, as torchvision's ToTensor + Normalize, so the
+        values are bit-identical). Float pixels are taken as already normalised."""
+        if pixels.dtype != torch.uint8:
+            return pixels.to(self.device, torch.float32, non_blocking=True)
+        pixels = pixels.to(self.device, non_blocking=True).to(torch.float32).div_(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        return pixels.sub_(mean).div_(std)
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (B,3,H,W) -> L2-normalised float32 embeddings (B,d)."""
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        """Pixels (B,3,H,W), uint8 from the transforms or already-normalised floats -> L2-normalised
+        float32 embeddings (B,d)."""
+        pixels = self.normalize(pixels).to(self.dtype)
         with _autocast(self.device, self.dtype):
             feats = self.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -150,28 +170,28 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def coop_train_transform(size: int, mean, std) -> T.Compose:
-    """CoOp's training augmentation: random resized crop + horizontal flip, bicubic."""
+def coop_train_transform(size: int) -> T.Compose:
+    """CoOp's training augmentation: random resized crop + horizontal flip, bicubic; uint8 out
+    (`Backbone.normalize` does ToTensor's /255 and Normalize)."""
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.Lambda(to_rgb),
-            T.ToTensor(),
-            T.Normalize(mean, std),
+            T.PILToTensor(),
         ]
     )
 
 
-def clip_eval_transform(size: int, mean, std) -> T.Compose:
-    """CLIP's evaluation preprocessing: resize the short side, centre crop, normalise."""
+def clip_eval_transform(size: int) -> T.Compose:
+    """CLIP's evaluation preprocessing: resize the short side, centre crop; uint8 out
+    (`Backbone.normalize` does ToTensor's /255 and Normalize)."""
     return T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
             T.Lambda(to_rgb),
-            T.ToTensor(),
-            T.Normalize(mean, std),
+            T.PILToTensor(),
         ]
     )
 
@@ -326,9 +346,10 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", imag
         tokenizer=open_clip.get_tokenizer(cfg.model),
         device=device,
         dtype=dtype if device.type == "cuda" else torch.float32,
+        jpeg_draft=cfg.jpeg_draft,
     )
-    backbone.eval_transform = clip_eval_transform(size, mean, std)
-    backbone.train_transform = coop_train_transform(size, mean, std)
+    backbone.eval_transform = clip_eval_transform(size)
+    backbone.train_transform = coop_train_transform(size)
     log.info("backbone %s (d=%d, %dpx) on %s", backbone.identity, embed_dim, size, device)
     return backbone
 

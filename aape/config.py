@@ -62,6 +62,11 @@ class BackboneConfig(_Section):
         description="open_clip pretrained tag, a local checkpoint path, or 'random-init'",
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    jpeg_draft: bool = Field(
+        True,
+        description="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale for the evaluation view (faster; "
+        "features differ slightly from full decoding, and the cache key says which was used)",
+    )
 
     @property
     def random_init(self) -> bool:

@@ -6,9 +6,11 @@
 Figures, each measured side by side in one run (rounds interleave the measurements so that load
 from other processes hits all of them alike; the best round of each is kept):
   1. extractor images/s (real JPEGs: decode in workers, preprocess, encode, cache write) beside the
-     ceiling = measured matmul GFLOP/s / the model's GFLOP per image.     target >= 60% of ceiling
+     ceiling = measured matmul GFLOP/s / the model's GFLOP per image.     target >= 85% of ceiling
   2. the same encoder fed pre-decoded tensors: decoding's share of throughput.   target <= 10%
-  3. text descriptions (CuPL sentences) encoded per second.                 (no target)
+  3. text descriptions (CuPL sentences) encoded per second against the ceiling of 77-token texts
+     (what an encoder that runs the full context does), beside that full-length encoder measured
+     on the same sentences.                                                 target >= 60% of ceiling
   4. cached rerun vs cold run of the same extraction.                        target >= 50x
   5. peak RSS while encoding 1k..10k images, each count in a fresh process. target: no growth
      beyond the output itself (+64 MiB slack). Uses a small model (aape-tiny, 32 px) because
@@ -59,10 +61,11 @@ def cifar_paths(count: int) -> list[str]:
 # FLOPs and the matmul ceiling ------------------------------------------------------------------
 
 
-def forward_gflops(backbone: Backbone, tower: str) -> float:
-    """Forward GFLOPs for one image (tower="image") or one 77-token text (tower="text"): counted
-    matmuls/convs plus attention's QK^T and AV, hooked because torch's flop counter does not see the
-    CPU attention kernels."""
+def forward_gflops(backbone: Backbone, tower: str, texts: list[str] | None = None) -> float:
+    """Forward GFLOPs for one image (tower="image"), one 77-token text (tower="text") or, with
+    `texts`, all of them as the pipeline encodes them (cut to each batch's last end-of-text token):
+    counted matmuls/convs plus attention's QK^T and AV, hooked because torch's flop counter does not
+    see the CPU attention kernels."""
     from torch.utils.flop_counter import FlopCounterMode
 
     attention_flops = []
@@ -77,7 +80,10 @@ def forward_gflops(backbone: Backbone, tower: str) -> float:
         modules, run = model.visual.modules(), lambda: model.encode_image(torch.randn(1, 3, backbone.image_size, backbone.image_size))
     else:
         text_modules = [m for name, m in model.named_modules() if not name.startswith("visual")]
-        modules, run = iter(text_modules), lambda: model.encode_text(backbone.tokenizer(["a photo of a dog."]))
+        if texts is None:
+            modules, run = iter(text_modules), lambda: model.encode_text(backbone.tokenizer(["a photo of a dog."]))
+        else:
+            modules, run = iter(text_modules), lambda: backbone.encode_texts(texts)
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules if isinstance(m, torch.nn.MultiheadAttention)]
     model.train()  # the training path of nn.MultiheadAttention is visible to the counter
     try:
@@ -120,6 +126,15 @@ def extractor_run(backbone: Backbone, paths: list[str], cache: Path, batch_size:
     start = time.perf_counter()
     result = image_features(backbone, CIFAR, paths, cache, batch_size=batch_size, num_workers=workers)
     return time.perf_counter() - start, result.encoded
+
+
+@torch.inference_mode()
+def full_length_seconds(backbone: Backbone, texts: list[str], batch_size: int) -> float:
+    """The same sentences through open_clip's encode_text at the full 77-token context."""
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        backbone.model.encode_text(backbone.tokenizer(texts[i : i + batch_size]))
+    return time.perf_counter() - start
 
 
 def cupl_sentences(count: int) -> list[str]:
@@ -191,7 +206,11 @@ def measure_memory(counts: list[int], model: str, batch_size: int, workers: int)
     return rows
 
 
+VERDICTS: list[bool] = []  # every target's outcome, for the exit status
+
+
 def verdict(ok: bool) -> str:
+    VERDICTS.append(ok)
     return "PASS" if ok else "FAIL"
 
 
@@ -247,12 +266,16 @@ def main() -> int:
                   f"extractor (JPEG) {extractor[-1]:.2f} img/s, cached rerun {cached_s[-1] * 1000:.1f} ms", flush=True)
 
         text_list = cupl_sentences(args.texts)
+        text_cold, full_length = [], []
+        for r in range(args.rounds):
+            start = time.perf_counter()
+            text_features(backbone, text_list, Path(tmp) / f"texts{r}", batch_size=64)
+            text_cold.append(time.perf_counter() - start)
+            full_length.append(full_length_seconds(backbone, text_list, 64))
         start = time.perf_counter()
-        text_features(backbone, text_list, Path(tmp) / "texts", batch_size=64)
-        text_cold = time.perf_counter() - start
-        start = time.perf_counter()
-        text_features(backbone, text_list, Path(tmp) / "texts", batch_size=64)
+        text_features(backbone, text_list, Path(tmp) / f"texts{args.rounds - 1}", batch_size=64)
         text_cached = time.perf_counter() - start
+        text_gflop = forward_gflops(backbone, "text", text_list)
 
     print(f"memory: {args.memory_model} in a fresh process per count, {args.workers} workers", flush=True)
     counts = [int(c) for c in args.memory_counts.split(",")]
@@ -270,19 +293,23 @@ def main() -> int:
     print("\n==== results (best of rounds) ====")
     print(f"matmul throughput           {max(gemm):8.1f} GFLOP/s  -> ceiling {ceiling:.2f} img/s")
     print(f"extractor, real JPEGs       {best_extractor:8.2f} img/s    = {efficiency:.0%} of ceiling   "
-          f"target >= 60%   {verdict(efficiency >= 0.60)}")
+          f"target >= 85%   {verdict(efficiency >= 0.85)}")
     print(f"encoder, pre-decoded        {best_predecoded:8.2f} img/s    decoding costs {decode_share:.1%}   "
           f"target <= 10%   {verdict(decode_share <= 0.10)}")
-    text_rate = len(text_list) / text_cold
-    print(f"text descriptions           {text_rate:8.1f} texts/s  = {text_rate / (max(gemm) / gflop_per_text):.0%} of its "
-          f"ceiling ({len(text_list)} CuPL sentences; cached rerun {text_cached * 1000:.1f} ms)")
+    text_rate, full_rate = len(text_list) / min(text_cold), len(text_list) / min(full_length)
+    text_efficiency = text_rate / (max(gemm) / gflop_per_text)
+    print(f"text descriptions           {text_rate:8.1f} texts/s  = {text_efficiency:.0%} of the 77-token ceiling   "
+          f"target >= 60%   {verdict(text_efficiency >= 0.60)}")
+    print(f"  beside: full 77-token encoder {full_rate:.1f} texts/s ({full_rate / (max(gemm) / gflop_per_text):.0%}; trimmed is "
+          f"{text_rate / full_rate:.2f}x); trimmed work {text_gflop / len(text_list):.3f} GFLOP/text vs {gflop_per_text:.3f} at 77 tokens, "
+          f"run at {text_gflop / min(text_cold) / max(gemm):.0%} of the matmul rate; {len(text_list)} CuPL sentences, cached rerun {text_cached * 1000:.1f} ms")
     print(f"cached rerun vs cold        {speedup:8.0f}x        ({min(cold_s):.2f}s vs {min(cached_s) * 1000:.1f} ms)   "
           f"target >= 50x   {verdict(speedup >= 50)}")
     print(f"peak RSS {counts[0]} -> {counts[-1]} images   {memory[0]['peak_rss'] / MIB:.1f} -> {memory[-1]['peak_rss'] / MIB:.1f} MiB "
           f"(+{growth / MIB:.1f} MiB, {per_image:.0f} B/image; output {memory[-1]['output_bytes'] / MIB:.1f} MiB)   "
           f"target: growth <= output + 64 MiB   {verdict(growth <= allowed)}")
     print(f"total benchmark time {time.perf_counter() - total_start:.0f}s")
-    return 0
+    return 0 if all(VERDICTS) else 1
 
 
 if __name__ == "__main__":

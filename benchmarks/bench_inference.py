@@ -9,9 +9,14 @@ same class count, measured side by side in one process:
   embeddings, AAPE runs h(x) and the fast head g (its per-class part computed once, like zero-shot's
   text embeddings). The naive head (a batch x classes x 2d tensor) is shown for reference.
 - end to end: image files -> decode + CLIP preprocessing -> image encoder -> head -> top-1. The
-  methods alternate for --repeats rounds and each keeps its median, to even out a shared CPU.
+  methods alternate batch by batch for --repeats passes over the images (each pass reversing who
+  goes first), and each method's total time gives its rate, to even out a shared CPU.
 
-Target (issue 8): AAPE end to end at least 0.8 times zero-shot CLIP's images per second.
+Targets (issue 19): on cached features at 1000 classes the AAPE head at least 0.3x zero-shot's images
+per second; end to end at least 0.95x. The fast head's per-pair work is one k x k quadratic form
+(k = 32: 1,024 multiply-adds against zero-shot's 512) plus k-wide passes, so 0.3x needs those passes
+to run at about 60% of a GEMM's efficiency; `aape-one-block` shows the same head without the
+cache-sized blocks (aape/method/model.py).
 Images: the real CIFAR-10 JPEGs of ../shared/assets/images/cifar10_test when present (upsampled to
 224 px by the preprocessing), else generated PNGs (said so in the output).
 """
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,8 +42,10 @@ from aape.backbone import load_backbone  # noqa: E402
 from aape.config import BackboneConfig  # noqa: E402
 from aape.data.images import open_image  # noqa: E402
 from aape.method import AAPEModel  # noqa: E402
+from aape.method import model as model_module  # noqa: E402
 
-TARGET_END_TO_END = 0.8
+TARGET_END_TO_END = 0.95
+TARGET_CACHED_HEAD = 0.3
 CIFAR = REPO.parent / "shared" / "assets" / "images" / "cifar10_test"
 
 
@@ -87,33 +93,50 @@ def cached_features(model: AAPEModel, text: torch.Tensor, n: int, batch: int, lo
 
     naive_n, naive_batch = min(n, 256), 32
 
+    def one_block():  # the same head with every pair in one [B, C, k] tensor
+        saved = model_module._BLOCK_PAIRS
+        model_module._BLOCK_PAIRS = batch * text.shape[0]
+        try:
+            aape()
+        finally:
+            model_module._BLOCK_PAIRS = saved
+
     def naive():
         for s in range(0, naive_n, naive_batch):
             model.naive_logits(feats[s : s + naive_batch], text).argmax(-1)
 
-    return {"zeroshot": throughput(zeroshot, n), "aape": throughput(aape, n), "aape-naive": throughput(naive, naive_n, 1)}
+    return {
+        "zeroshot": throughput(zeroshot, n),
+        "aape": throughput(aape, n),
+        "aape-one-block": throughput(one_block, n, 1),
+        "aape-naive": throughput(naive, naive_n, 1),
+    }
 
 
 @torch.inference_mode()
 def end_to_end(backbone, model: AAPEModel, text: torch.Tensor, files: list[Path], batch: int, repeats: int) -> dict[str, float]:
+    """Images per second of each method, end to end, interleaved batch by batch (order alternating)
+    so that a shared CPU's slow drifts hit both alike."""
     class_part = model.class_part(text)
     scale = backbone.logit_scale
-
-    def run(head) -> float:
-        start = time.perf_counter()
-        for s in range(0, len(files), batch):
-            pixels = torch.stack([backbone.eval_transform(open_image(p)) for p in files[s : s + batch]])
-            head(backbone.encode_images(pixels)).argmax(-1)
-        return len(files) / (time.perf_counter() - start)
-
     heads = {"zeroshot": lambda x: scale * x @ text.T, "aape": lambda x: model.logits_from(x, class_part)}
-    run(heads["zeroshot"])  # warm-up (allocator, first-call overheads)
-    rates: dict[str, list[float]] = {name: [] for name in heads}
-    for round_ in range(repeats):
-        order = list(heads) if round_ % 2 == 0 else list(reversed(heads))
-        for name in order:
-            rates[name].append(run(heads[name]))
-    return {name: statistics.median(values) for name, values in rates.items()}
+
+    def one_batch(head, paths) -> float:
+        start = time.perf_counter()
+        pixels = torch.stack([backbone.eval_transform(open_image(p, backbone.draft_size)) for p in paths])
+        head(backbone.encode_images(pixels)).argmax(-1)
+        return time.perf_counter() - start
+
+    one_batch(heads["zeroshot"], files[:batch])  # warm-up (allocator, first-call overheads)
+    seconds = {name: 0.0 for name in heads}
+    turn = 0
+    for _ in range(repeats):
+        for s in range(0, len(files), batch):
+            order = list(heads) if turn % 2 == 0 else list(reversed(heads))
+            turn += 1
+            for name in order:
+                seconds[name] += one_batch(heads[name], files[s : s + batch])
+    return {name: repeats * len(files) / total for name, total in seconds.items()}
 
 
 def main() -> int:
@@ -145,8 +168,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         files, described = image_files(args.images, Path(tmp))
-        print(f"\nend to end: {described}, batch {args.batch}, median of {args.repeats} alternating rounds")
+        print(f"\nend to end: {described}, batch {args.batch}, {args.repeats} passes interleaved batch by batch")
         e2e = end_to_end(backbone, model, text, files, args.batch, args.repeats)
+    head_ratio = cached["aape"] / cached["zeroshot"]
     ratio = e2e["aape"] / e2e["zeroshot"]
     print(f"  {'method':<22}{'images/s':>14}{'vs zero-shot':>14}")
     for name, rate in e2e.items():
@@ -156,9 +180,14 @@ def main() -> int:
     per_image = 1.0 / e2e["zeroshot"] - 1.0 / cached["zeroshot"] + 1.0 / cached["aape"]
     print(f"  derived from the head timings: AAPE end to end = {1.0 / per_image / e2e['zeroshot']:.4f}x zero-shot "
           f"(head {1e3 / cached['aape']:.3f} ms/image vs {1e3 / e2e['zeroshot']:.0f} ms/image end to end)")
-    verdict = "PASS" if ratio >= TARGET_END_TO_END else "FAIL"
-    print(f"\ntarget: AAPE end to end >= {TARGET_END_TO_END:.1f}x zero-shot CLIP: measured {ratio:.3f}x -> {verdict}")
-    return 0 if verdict == "PASS" else 1
+    checks = [
+        (f"AAPE head on cached features >= {TARGET_CACHED_HEAD}x zero-shot at {args.classes} classes", head_ratio, head_ratio >= TARGET_CACHED_HEAD),
+        (f"AAPE end to end >= {TARGET_END_TO_END}x zero-shot CLIP", ratio, ratio >= TARGET_END_TO_END),
+    ]
+    print()
+    for label, value, ok in checks:
+        print(f"target: {label}: measured {value:.3f}x -> {'PASS' if ok else 'FAIL'}")
+    return 0 if all(ok for _, _, ok in checks) else 1
 
 
 if __name__ == "__main__":

@@ -92,6 +92,22 @@ def test_fast_head_never_builds_a_batch_by_class_by_2d_tensor(kind, init):
     assert fast.largest <= max(pairs * widest, 48 * 2 * 48)
 
 
+@pytest.mark.parametrize("init", HEAD_INITS)
+def test_bottleneck_head_split_into_many_blocks_equals_the_naive_formula(init, monkeypatch):
+    # 256 pairs per block: 130 images x 23 classes run as 2 image blocks x 12 class blocks (last ones ragged)
+    monkeypatch.setattr("aape.method.model._BLOCK_PAIRS", 256)
+    model = _model("bottleneck", init=init)
+    x, w = _inputs(130, 23, 48)
+    x.requires_grad_(True)
+    fast = model.logits(x, w)
+    torch.testing.assert_close(fast, model.naive_logits(x, w), rtol=1e-10, atol=1e-10)
+    fast.sum().backward()  # blocks are differentiable: training may take the same path
+    fast_grad = x.grad.clone()
+    x.grad = None
+    model.naive_logits(x, w).sum().backward()
+    torch.testing.assert_close(fast_grad, x.grad, rtol=1e-9, atol=1e-10)
+
+
 def test_parameter_counts_match_the_paper_at_d512():
     counts = AAPEModel(512).parameter_counts()
     # h: 512·32 + 32 + 32·512 + 512 = 33,312 ("33k"); g bottleneck 1024·32 + 32 + 32·512 + 512 = 49,696

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from aape.config import BackboneConfig, Params
-from aape.data.images import IMAGE_SUFFIXES, UnreadableImageError, is_image_file, open_image
+from aape.data.images import IMAGE_SUFFIXES, UnreadableImageError, is_image_file, load_rgb, open_image
 from aape.errors import AAPEError
 from aape.logs import progress
 
@@ -108,8 +108,10 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     return sorted(dict.fromkeys(found))
 
 
-def decode_image(value: Any, where: str) -> Image.Image:
-    """A PIL image from a path, raw bytes or a base64 string (what a pyfunc request carries)."""
+def decode_image(value: Any, where: str, draft_size: int | None = None) -> Image.Image:
+    """A PIL image from a path, raw bytes or a base64 string (what a pyfunc request carries).
+
+    `draft_size`: decode large JPEGs at reduced scale, as the feature cache does (open_image)."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, (bytes, bytearray)):
@@ -117,7 +119,7 @@ def decode_image(value: Any, where: str) -> Image.Image:
     elif isinstance(value, (str, Path)):
         text = str(value)
         if Path(text).is_file():
-            return open_image(text)
+            return open_image(text, draft_size)
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -126,8 +128,7 @@ def decode_image(value: Any, where: str) -> Image.Image:
         raise PredictionError(f"{where} has type {type(value).__name__}; give a file path, bytes or a base64 string")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
+            return load_rgb(image, draft_size)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise PredictionError(f"{where} holds bytes that are not a readable image ({type(exc).__name__}: {exc})") from None
 
@@ -168,7 +169,7 @@ def backbone_config_for(meta: dict[str, Any], params: Params, model_dir: Path) -
             )
     else:
         raise PredictionError(f"{model_dir / GENERATOR_JSON}: unrecognised backbone_identity {identity!r}; retrain")
-    chosen = BackboneConfig(model=name, pretrained=pretrained, precision=params.backbone.precision)
+    chosen = BackboneConfig(model=name, pretrained=pretrained, precision=params.backbone.precision, jpeg_draft=params.backbone.jpeg_draft)
     if (chosen.model, chosen.pretrained) != (params.backbone.model, params.backbone.pretrained):
         log.info("using the model's own backbone %s/%s (params.backbone says %s/%s)", chosen.model, chosen.pretrained,
                  params.backbone.model, params.backbone.pretrained)
@@ -244,7 +245,7 @@ def predict_images(predictor: Predictor, named_images: Sequence[tuple[str, Any]]
         names, images = [], []
         for name, source in named_images[start : start + size]:
             try:
-                images.append(decode_image(source, name))
+                images.append(decode_image(source, name, predictor.backbone.draft_size))
                 names.append(name)
             except (UnreadableImageError, PredictionError) as exc:
                 if not skip_unreadable:

@@ -133,7 +133,10 @@ def preprocessing_key(backbone: Backbone, spec: ViewSpec) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         **spec.describe(),
     }
-    if not spec.is_clean:
+    if spec.is_clean:
+        # JPEGs decoded at reduced scale give slightly different pixels: their own feature version
+        key["jpeg_draft"] = backbone.draft_size
+    else:
         key["seeding"] = SEEDING_SCHEME
     return key
 
@@ -169,7 +172,11 @@ def file_stats(root: Path, rel_paths: Sequence[str]) -> torch.Tensor:
 
 
 class _DecodeDataset(Dataset):
-    """Item i: decode one image once, return the pixels of every view requested for it."""
+    """Item i: decode one image, return the uint8 pixels of every view requested for it.
+
+    The evaluation view may come from a reduced-scale JPEG decode (`draft_size`); augmented views
+    crop small regions and keep the full decode, so an image needing both is decoded twice.
+    """
 
     def __init__(
         self,
@@ -179,9 +186,10 @@ class _DecodeDataset(Dataset):
         specs: Sequence[ViewSpec],
         eval_transform: Callable,
         train_transform: Callable,
+        draft_size: int | None = None,
     ) -> None:
         self.root, self.rel_paths, self.jobs, self.specs = root, list(rel_paths), jobs, list(specs)
-        self.eval_transform, self.train_transform = eval_transform, train_transform
+        self.eval_transform, self.train_transform, self.draft_size = eval_transform, train_transform, draft_size
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -189,11 +197,13 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, tuple[int, ...], torch.Tensor | None, str | None]:
         row, spec_ids = self.jobs[i]
         rel = self.rel_paths[row]
+        clean = [self.specs[s].is_clean for s in spec_ids]
         try:
-            image = open_image(self.root / rel)
+            full = open_image(self.root / rel) if not all(clean) else None
+            drafted = open_image(self.root / rel, self.draft_size) if any(clean) and (full is None or self.draft_size) else full
         except UnreadableImageError as exc:
             return row, spec_ids, None, exc.reason
-        views = [self._apply(image, rel, self.specs[s]) for s in spec_ids]
+        views = [self._apply(drafted if is_clean else full, rel, self.specs[s]) for s, is_clean in zip(spec_ids, clean)]
         return row, spec_ids, torch.stack(views), None
 
     def _apply(self, image, rel: str, spec: ViewSpec) -> torch.Tensor:
@@ -206,7 +216,7 @@ class _DecodeDataset(Dataset):
 
 @dataclass
 class _Batch:
-    pixels: torch.Tensor  # [B_img, 3, H, W]
+    pixels: torch.Tensor  # [B_img, 3, H, W] uint8 (Backbone.normalize runs in the encoding process)
     targets: list[tuple[int, int]]  # (row, spec id) of every image in pixels
     failures: list[tuple[int, tuple[int, ...], str]]  # (row, spec ids, reason)
     requested: int  # image-views asked for, failed ones included (for the progress bar)
@@ -371,7 +381,7 @@ def _encode_jobs(
         state.pending = state.needed.clone()
         for row in state.needed.nonzero().flatten().tolist():
             state.reasons.pop(row, None)
-    dataset = _DecodeDataset(root, rel_paths, jobs, specs, backbone.eval_transform, backbone.train_transform)
+    dataset = _DecodeDataset(root, rel_paths, jobs, specs, backbone.eval_transform, backbone.train_transform, backbone.draft_size)
     views_per_row = max(len(ids) for _, ids in jobs)
     rows_per_batch = max(1, batch_size // views_per_row)
     total = sum(len(ids) for _, ids in jobs)

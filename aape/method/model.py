@@ -18,6 +18,13 @@ the per-(image, class) work is an add, a ReLU and a few dot products:
   x·(Vr + c) = (Vᵀx)·r + x·c and |Vr + c|² = rᵀ(VᵀV)r + 2(Vᵀc)·r + |c|², so everything per pair
   stays k-wide; the residual adds x·w_i, 2·(Vᵀw_i)·r + 2·w_i·c and |w_i|², again k-wide per pair.
 No (batch × classes × 2d) tensor is ever built; `naive_logits` builds it, for tests and benchmarks.
+
+Why the bottleneck path works in blocks: its per-pair work is one k × k quadratic form rᵀ(VᵀV)r
+(k² = 1024 multiply-adds at k = 32, twice zero-shot's d = 512) plus a few k-wide passes. On a CPU the
+k-wide passes are memory-bound when the [B, C, k] tensor spills out of cache; blocks of
+`_BLOCK_PAIRS` (image, class) pairs keep it in L2 (benchmarks/bench_inference.py: 3-4x faster at
+1000 classes than one [B, C, k] tensor). Everything class-only (VᵀV, 2Vᵀ(t_i + c), |t_i + c|²) is
+computed once in `class_part`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ HEAD_KINDS = ("bottleneck", "full")
 HEAD_INITS = ("zeroshot", "random")
 CHECKPOINT_STEM = "generator"
 _EPS = 1e-8  # as torch.nn.functional.cosine_similarity
+_BLOCK_PAIRS = 16384  # (image, class) pairs per block: a [pairs, 32] float32 tensor is 2 MiB
 
 
 class PromptGenerator(nn.Module):
@@ -57,7 +65,10 @@ class ClassPart:
 
     pre: torch.Tensor  # [C, k] A·w_i + b
     text: torch.Tensor  # [C, d] w_i (the residual adds it back)
-    text_expand: torch.Tensor | None  # [C, k] Vᵀw_i (residual bottleneck only)
+    # bottleneck only: |w_i(x)|² = const_i + r·(gram·r + linear_i), x·w_i(x) = x·offset_i + (Vᵀx)·r
+    gram: torch.Tensor | None = None  # [k, k] VᵀV
+    linear: torch.Tensor | None = None  # [C, k] 2Vᵀ(c + t_i), t_i = w_i in the residual form, 0 otherwise
+    const: torch.Tensor | None = None  # [C] |c + t_i|²
 
 
 class ClassifierHead(nn.Module):
@@ -95,10 +106,13 @@ class ClassifierHead(nn.Module):
 
     # fast: per-class and per-image parts ----------------------------------------------------------
     def class_part(self, class_text: torch.Tensor) -> ClassPart:
-        """A·w_i + b for every class ([C, k]), plus what the residual needs."""
+        """A·w_i + b for every class ([C, k]), plus the class-only terms of w_i(x)'s norm."""
         pre = F.linear(class_text, self.mix.weight[:, : self.dim], self.mix.bias)
-        text_expand = class_text @ self.expand.weight if self.residual and self.expand is not None else None
-        return ClassPart(pre, class_text, text_expand)
+        if self.expand is None:
+            return ClassPart(pre, class_text)
+        V, c = self.expand.weight, self.expand.bias  # [d, k], [d]
+        offset = class_text + c if self.residual else c.expand_as(class_text)
+        return ClassPart(pre, class_text, V.T @ V, 2 * (offset @ V), offset.pow(2).sum(-1))
 
     def image_part(self, prompt: torch.Tensor) -> torch.Tensor:
         """B·h(x) for every image: [B, k]."""
@@ -106,28 +120,45 @@ class ClassifierHead(nn.Module):
 
     def cosine(self, x: torch.Tensor, part: ClassPart, image_part: torch.Tensor) -> torch.Tensor:
         """cos(x, w_i(x)) for every pair, [B, C], from the two parts."""
-        act = torch.relu_(part.pre.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, k], the only per-pair tensor
         x_norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        if self.expand is None:
-            dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)  # x·z
-            sq_norms = act.pow(2).sum(-1)  # |z|²
-            if self.residual:  # w = t + γz: x·w = x·t + γ x·z, |w|² = |t|² + 2γ t·z + γ²|z|²
-                gain = self.gain
-                cross = (act * part.text.unsqueeze(0)).sum(-1)
-                dots = x @ part.text.T + gain * dots
-                sq_norms = part.text.pow(2).sum(-1) + 2 * gain * cross + gain * gain * sq_norms
-        else:
-            V, c = self.expand.weight, self.expand.bias  # [d, k], [d]
-            dots = torch.bmm(act, (x @ V).unsqueeze(-1)).squeeze(-1) + (x @ c).unsqueeze(1)
-            # |V r + c|² = r·(VᵀV r + 2Vᵀc) + |c|²
-            quad = (act @ (V.T @ V)).add_(2 * (V.T @ c))
-            sq_norms = (act * quad).sum(-1) + c @ c
-            if self.residual:  # w = t + Vr + c: add x·t and |t|² + 2(Vᵀt)·r + 2t·c
-                dots = dots + x @ part.text.T
-                sq_norms = sq_norms + (part.text.pow(2).sum(-1) + 2 * (part.text @ c)) + 2 * (act * part.text_expand).sum(-1)
+        if self.expand is not None:
+            return self._bottleneck_cosine(x, part, image_part) / x_norm
+        act = torch.relu_(part.pre.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, d], the only per-pair tensor
+        dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)  # x·z
+        sq_norms = act.pow(2).sum(-1)  # |z|²
+        if self.residual:  # w = t + γz: x·w = x·t + γ x·z, |w|² = |t|² + 2γ t·z + γ²|z|²
+            gain = self.gain
+            cross = (act * part.text.unsqueeze(0)).sum(-1)
+            dots = x @ part.text.T + gain * dots
+            sq_norms = part.text.pow(2).sum(-1) + 2 * gain * cross + gain * gain * sq_norms
         # |w| from the quadratic form can dip a hair below 0 by rounding: clamp before the root
         w_norm = sq_norms.clamp_min(_EPS**2).sqrt()
         return dots / (x_norm * w_norm)
+
+    def _bottleneck_cosine(self, x: torch.Tensor, part: ClassPart, image_part: torch.Tensor) -> torch.Tensor:
+        """x·w_i(x) / |w_i(x)| for every pair, in blocks of pairs that stay in cache.
+
+        w_i(x) = o_i + V·r with o_i = c + t_i and r = ReLU(pre_i + image_part): x·w = x·o_i + (Vᵀx)·r
+        and |w|² = |o_i|² + r·(VᵀV·r + 2Vᵀo_i).
+        """
+        B, C = x.shape[0], part.pre.shape[0]
+        x_bias = (x @ self.expand.bias).unsqueeze(1)  # x·c
+        dots_all = torch.addmm(x_bias, x, part.text.T) if self.residual else x_bias.expand(B, C)
+        x_expand = x @ self.expand.weight  # [B, k] Vᵀx
+        classes = min(C, max(1, _BLOCK_PAIRS // max(1, min(B, 128))))
+        images = min(B, max(1, _BLOCK_PAIRS // classes))
+        rows = []
+        for i in range(0, B, images):
+            img, x_exp = image_part[i : i + images], x_expand[i : i + images]
+            cols = []
+            for j in range(0, C, classes):
+                act = torch.relu_(part.pre[j : j + classes].unsqueeze(0) + img.unsqueeze(1))  # [b, c, k]
+                dots = dots_all[i : i + images, j : j + classes] + torch.linalg.vecdot(act, x_exp.unsqueeze(1))
+                quad = torch.linalg.vecdot(act @ part.gram + part.linear[j : j + classes], act)
+                # |w|² from the quadratic form can dip a hair below 0 by rounding: clamp before the root
+                cols.append(dots / (quad + part.const[j : j + classes]).clamp_min(_EPS**2).sqrt())
+            rows.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 class AAPEModel(nn.Module):
