@@ -67,19 +67,19 @@ def _apply_runtime(params: Params) -> None:
         torch.set_num_threads(params.run.num_threads)
 
 
-def _tracker_context(params: Params, track: bool | None, run_name: str):
+def _tracker_context(params: Params, track: bool | None, what: str):
     enabled = params.tracking.enabled if track is None else track
     if not enabled:
         return nullcontext(None)
-    from aape.integrations.mlflow_tracking import pipeline_run
+    from aape.integrations.mlflow_tracking import parent_run_name, pipeline_run
 
     orchestrator = os.environ.get("AAPE_ORCHESTRATOR", "cli")
-    return pipeline_run(params, run_name=run_name, extra_tags={"orchestrator": orchestrator})
+    return pipeline_run(params, run_name=parent_run_name(params, what), extra_tags={"orchestrator": orchestrator})
 
 
 def _run_stages(names: list[str], params: Params, track: bool | None) -> dict:
     summaries: dict[str, dict] = {}
-    with _tracker_context(params, track, run_name=f"{params.run.name}:{'+'.join(names) if len(names) < 3 else 'pipeline'}") as tracker:
+    with _tracker_context(params, track, "+".join(names) if len(names) < 3 else "pipeline") as tracker:
         for name in names:
             summaries[name] = run_stage_tracked(name, stage_function(name), params, tracker)
     return summaries
@@ -148,6 +148,38 @@ def run_all(params_file: str, overrides: tuple[str, ...], track: bool | None, st
     summaries = _run_stages(names, params, track)
     for name, summary in summaries.items():
         _echo_summary(name, summary)
+
+
+@main.command("repro", context_settings={"ignore_unknown_options": True})
+@_params_option
+@_set_option
+@_track_option
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def repro(params_file: str, overrides: tuple[str, ...], track: bool | None, dvc_args: tuple[str, ...]) -> None:
+    """`dvc repro [DVC_ARGS]` under one MLflow parent run: every stage DVC starts joins it.
+
+    Plain `dvc repro` runs each stage in its own process, and each opens its own parent run; here the
+    parent is opened first and handed to them through AAPE_MLFLOW_PARENT_RUN_ID. The parent is
+    FAILED when dvc fails, and this command exits with dvc's status.
+    """
+    params = _load(params_file, overrides)
+    command = [sys.executable, "-m", "dvc", "repro", *dvc_args]
+    with _tracker_context(params, track, "dvc repro") as tracker:
+        env = dict(os.environ)
+        if tracker is not None:
+            env["AAPE_MLFLOW_PARENT_RUN_ID"] = tracker.run_id
+            tracker.set_tags({"orchestrator": "dvc"})
+        code = _run_dvc(command, env)
+        if code and tracker is not None:
+            raise SystemExit(code)  # inside the run: it is marked FAILED
+    if code:
+        raise SystemExit(code)
+
+
+def _run_dvc(command: list[str], env: dict[str, str]) -> int:
+    import subprocess
+
+    return subprocess.run(command, env=env).returncode
 
 
 @main.command("predict")

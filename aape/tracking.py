@@ -76,8 +76,14 @@ class RecordingTracker(NullTracker):
 def run_stage_tracked(name: str, fn: Callable[..., dict[str, Any]], params: Any, tracker: Tracker | None = None) -> dict[str, Any]:
     """Run stage function `fn` (stage `name`) on `params`; with a tracker, inside a child run of it
     named after the stage and tagged stage=<name>, which the stage reports to. The CLI and the
-    Prefect tasks run every stage through this."""
+    Prefect tasks run every stage through this. A stage's `headline` figures (evaluate's AAPE
+    accuracies) are logged on the tracker's own run too, so a pipeline's parent run shows them in
+    the runs table."""
     if tracker is None:
         return fn(params)
     with tracker.child(name, tags={"stage": name}) as child:
-        return fn(params, tracker=child)
+        summary = fn(params, tracker=child)
+    headline = summary.get("headline") if isinstance(summary, dict) else None
+    if headline:
+        tracker.log_metrics({k: float(v) for k, v in headline.items() if isinstance(v, (int, float))})
+    return summary

@@ -58,12 +58,12 @@ def results_markdown(params: Params) -> str:
     return "_The evaluation stage wrote no report._"
 
 
-def _tracker(params: Params, track: bool | None, run_name: str):
+def _tracker(params: Params, track: bool | None):
     if not (params.tracking.enabled if track is None else track):
         return nullcontext(None)
-    from aape.integrations.mlflow_tracking import pipeline_run
+    from aape.integrations.mlflow_tracking import parent_run_name, pipeline_run
 
-    return pipeline_run(params, run_name=run_name, extra_tags={"orchestrator": "prefect"})
+    return pipeline_run(params, run_name=parent_run_name(params, "pipeline"), extra_tags={"orchestrator": "prefect"})
 
 
 @flow(name="aape-pipeline", log_prints=True)
@@ -90,7 +90,7 @@ def pipeline(
     if params.backbone.random_init:
         logger.warning("RANDOM-INIT BACKBONE: results of this run say nothing about CLIP or AAPE")
     summaries: dict[str, Any] = {}
-    with _tracker(params, track, run_name=f"{params.run.name}:{params.data.dataset}") as tracker:
+    with _tracker(params, track) as tracker:
         for name in STAGES:
             summaries[name] = STAGE_TASKS[name](name, params, tracker)
         markdown = results_markdown(params)

@@ -1,15 +1,23 @@
 """Log the trained AAPE model as an MLflow pyfunc model, register it, and keep the alias `best`
-on the version whose run scored highest on the headline metric."""
+on the version whose run scored highest on the headline metric.
+
+Scores are comparable only within one setting (dataset, shots, protocol, backbone and weights), so
+every setting has its own alias, `best-<setting>`, moved only by a better version of that setting;
+`best` points at the latest version that became its setting's best (a new best of another setting
+takes it over, since the two scores cannot be compared). Every version is tagged with its setting.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from prefect import task
 
 from aape.config import Params
+from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 
 log = logging.getLogger("aape.registry")
@@ -43,6 +51,24 @@ def _best_seed_dir(params: Params):
     return best
 
 
+def model_setting(params: Params) -> dict[str, str]:
+    """What a headline score is comparable within; dataset, shots and protocol as prepare-data recorded them."""
+    classes = Layout.from_params(params).classes_file
+    if classes.exists():
+        info = ClassesManifest.read(classes)
+        dataset, shots, protocol = info.dataset, info.shots, info.protocol
+    else:
+        dataset, shots, protocol = params.data.dataset, params.data.shots, params.data.protocol
+    return {"dataset": dataset, "shots": str(shots), "protocol": protocol, "backbone": params.backbone.model, "weights": params.backbone.pretrained}
+
+
+def setting_alias(setting: dict[str, str]) -> str:
+    """`best-<dataset>-<shots>shot-<protocol>-<backbone>-<weights>` in the characters MLflow allows in an alias."""
+    weights = setting["weights"].rsplit("/", 1)[-1]  # a checkpoint path: its file name
+    raw = f"{BEST_ALIAS}-{setting['dataset']}-{setting['shots']}shot-{setting['protocol']}-{setting['backbone']}-{weights}"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", raw).lower()
+
+
 def register_model(params: Params, tracker: Any) -> dict[str, Any]:
     import mlflow
 
@@ -68,24 +94,42 @@ def register_model(params: Params, tracker: Any) -> dict[str, Any]:
     client.set_model_version_tag(name, version, "headline_metric", metric_name or "none")
     client.set_model_version_tag(name, version, "headline_value", f"{score}")
     client.set_model_version_tag(name, version, "random_init", str(params.backbone.random_init).lower())
-    if score >= _current_best_score(client, name):
-        client.set_registered_model_alias(name, BEST_ALIAS, version)
-        result["alias"] = BEST_ALIAS
-        log.info("registered %s version %s with alias '%s' (%s = %.4f)", name, version, BEST_ALIAS, metric_name, score)
-    else:
-        log.info("registered %s version %s; alias '%s' stays on a better version", name, version, BEST_ALIAS)
+    setting = model_setting(params)
+    for key, value in setting.items():
+        client.set_model_version_tag(name, version, f"setting.{key}", value)
+    group_alias = setting_alias(setting)
+    result["setting_alias"] = group_alias
+    if score < _score_of(_holder(client, name, group_alias)):
+        log.info("registered %s version %s; aliases '%s' and '%s' stay on a better version of this setting", name, version, BEST_ALIAS, group_alias)
+        return result
+    client.set_registered_model_alias(name, group_alias, version)
+    holder = _holder(client, name, BEST_ALIAS)
+    if holder is not None and _setting_of(holder) != setting:
+        log.info("alias '%s' moves from version %s (another setting) to version %s", BEST_ALIAS, holder.version, version)
+    client.set_registered_model_alias(name, BEST_ALIAS, version)
+    result["alias"] = BEST_ALIAS
+    log.info("registered %s version %s with aliases '%s' and '%s' (%s = %.4f)", name, version, BEST_ALIAS, group_alias, metric_name, score)
     return result
 
 
-def _current_best_score(client: Any, name: str) -> float:
+def _holder(client: Any, name: str, alias: str) -> Any | None:
     try:
-        current = client.get_model_version_by_alias(name, BEST_ALIAS)
-    except Exception:  # no alias yet
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:  # no such alias yet
+        return None
+
+
+def _score_of(version: Any | None) -> float:
+    if version is None:
         return float("-inf")
     try:
-        return float(current.tags.get("headline_value", "-inf"))
+        return float(version.tags.get("headline_value", "-inf"))
     except ValueError:
         return float("-inf")
+
+
+def _setting_of(version: Any) -> dict[str, str]:
+    return {k.removeprefix("setting."): v for k, v in version.tags.items() if k.startswith("setting.")}
 
 
 register_model_task = task(register_model, name="register-model", task_run_name="register-model")

@@ -21,11 +21,11 @@ def test_help_lists_every_stage_and_tool_command():
     assert result.exit_code == 0
     # the first word of each line under "Commands:", in order: not a substring anywhere in the text
     listed = result.output.split("Commands:\n", 1)[1].splitlines()
-    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "predict", "config"]
+    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "predict", "config"]
     assert "  run                Run the stages in order in this process" in result.output
 
 
-@pytest.mark.parametrize("command", [[name] for name in STAGES] + [["run"], ["predict"], ["config", "show"], ["config", "check"]])
+@pytest.mark.parametrize("command", [[name] for name in STAGES] + [["run"], ["repro"], ["predict"], ["config", "show"], ["config", "check"]])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -146,14 +146,14 @@ def test_run_with_tracking_gives_each_stage_of_the_range_its_child_run(recorded_
     root = RecordingTracker()
     opened: list[str] = []
 
-    def tracker_context(params, track, run_name):
-        opened.append(run_name)
+    def tracker_context(params, track, what):
+        opened.append(what)
         return nullcontext(root)
 
     monkeypatch.setattr("aape.cli._tracker_context", tracker_context)
     args = ["run", "--params", str(REPO / "params.yaml"), "--track", "--from", "train-aggregator", "--to", "distill-generator"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert opened == ["demo:train-aggregator+distill-generator"]  # one parent run for the whole range
+    assert opened == ["train-aggregator+distill-generator"]  # one parent run for the whole range
     assert [(c.name, c.tags) for c in root.children] == [(n, {"stage": n}) for n in ("train-aggregator", "distill-generator")]
     assert calls == ["train-aggregator", "distill-generator"]

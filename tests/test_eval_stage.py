@@ -110,13 +110,13 @@ def test_every_method_and_seed_is_evaluated_with_the_same_metric_names(evaluated
     assert set(results["method"]) == set(EVAL_METHODS) and set(results["eval_set"]) == {"base", "new"}
     assert (results["random_init"]).all() and (results["shots"] == 4).all()
     assert results.loc[results["eval_set"] == "base", "total"].eq(30).all()
-    children = {child.name: child for child in tracker.children}
-    assert set(children) == {f"{m}/seed{s}" for m in EVAL_METHODS for s in (1, 2)}
+    children = {child.name: child for child in tracker.children if "aggregate" not in child.tags}
+    assert set(children) == {f"{m} · toy · seed {s}" for m in EVAL_METHODS for s in (1, 2)}
     for name, child in children.items():
         names = {k for k, _, _ in child.metrics}
         expected = {"base_accuracy"} if name.startswith("linear-probe") else {"base_accuracy", "new_accuracy", "H"}
         assert names == expected, name
-        assert child.tags["random_init"] == "true" and child.tags["seed"] == name[-1]
+        assert child.tags["random_init"] == "true" and child.tags["seed"] == name[-1] == child.params["seed"]
     metrics = json.loads(layout.metrics.read_text())
     assert metrics["random_init"] is True
     for method in EVAL_METHODS:
@@ -203,7 +203,8 @@ def test_fewshot_protocol_reports_accuracy(tmp_path):
     run(params, tracker=tracker)
     metrics = json.loads(layout.metrics.read_text())
     assert {k for k in metrics if k.endswith("_mean")} == {f"fewshot/{m}/accuracy_mean" for m in ("zeroshot", "linear-probe", "aape")}
-    assert all({k for k, _, _ in c.metrics} == {"accuracy"} for c in tracker.children)
+    assert all({k for k, _, _ in c.metrics} == {"accuracy"} for c in tracker.children if "aggregate" not in c.tags)
+    assert all({k for k, _, _ in c.metrics} == {"accuracy", "accuracy_std"} for c in tracker.children if "aggregate" in c.tags)
     report = (layout.eval / "report.md").read_text()
     assert "| Method | Accuracy |" in report and "| AAPE |" in report
 
@@ -279,7 +280,8 @@ def test_transfer_protocols_on_datasets_in_their_own_layouts(tmp_path):
     assert not math.isnan(shift.loc[("cupl", 1), "accuracy"]) and math.isnan(shift.loc[("linear-probe", 1), "accuracy"])
     metrics = json.loads(layout.metrics.read_text())
     assert "cross-dataset/cifar10/aape/accuracy_mean" in metrics and "domain-shift/imagenet_sketch/aape/accuracy_mean" in metrics
-    assert "cross-dataset:cifar10/aape/seed1" in {c.name for c in tracker.children}
+    assert "aape · toy -> cifar10 (cross-dataset) · seed 1" in {c.name for c in tracker.children}
+    assert "aape · toy -> cifar10 (cross-dataset) · mean of 2 seeds" in {c.name for c in tracker.children}
     report = (layout.eval / "report.md").read_text()
     assert "## Cross-dataset transfer" in report and "## Domain shift" in report and "| Method | imagenet_sketch |" in report
 
@@ -310,9 +312,28 @@ def test_report_metrics_and_tags_say_how_each_baseline_was_built(evaluated):
         assert metrics[f"baselines/linear-probe/seed{seed}/fits"] == 2
         assert f"seed {seed}: C={metrics[f'baselines/linear-probe/seed{seed}/C']:.4g} (2 fits)" in report
     children = {child.name: child for child in tracker.children}
-    assert children["zeroshot/seed1"].tags["template"] == "a photo of a {}."
-    assert children["linear-probe/seed2"].tags["C"] == f"{metrics['baselines/linear-probe/seed2/C']:.6g}"
-    assert children["linear-probe/seed2"].tags["fits"] == "2"
+    assert children["zeroshot · toy · seed 1"].tags["template"] == "a photo of a {}."
+    assert children["linear-probe · toy · seed 2"].tags["C"] == f"{metrics['baselines/linear-probe/seed2/C']:.6g}"
+    assert children["linear-probe · toy · seed 2"].tags["fits"] == "2"
+
+
+def test_method_runs_carry_the_params_that_tell_them_apart_and_one_run_per_method_holds_the_seed_mean(evaluated):
+    params, layout, tracker, summary = evaluated
+    children = {child.name: child for child in tracker.children}
+    aape, nodistill, zeroshot = (children[f"{m} · toy · seed 1"].params for m in ("aape", "aape-nodistill", "zeroshot"))
+    # the same keys for every method, so MLflow's compare view can plot them side by side
+    assert set(aape) == set(zeroshot) >= {"method", "dataset", "protocol", "shots", "backbone", "weights", "lambda_distill", "aggregator", "seed"}
+    assert (aape["lambda_distill"], nodistill["lambda_distill"], zeroshot["lambda_distill"]) == ("5.0", "0.0", "n/a")
+    assert (aape["aggregator"], aape["shots"], aape["backbone"], aape["weights"]) == ("attention", "4", "aape-tiny", "random-init")
+    # one aggregate run per method: the mean over seeds equals metrics.json's, with its std beside it
+    metrics = json.loads(layout.metrics.read_text())
+    for method in EVAL_METHODS:
+        mean_run = children[f"{method} · toy · mean of 2 seeds"]
+        logged = {k: v for k, v, _ in mean_run.metrics}
+        assert logged["base_accuracy"] == pytest.approx(metrics[f"base2new/{method}/base_accuracy_mean"])
+        assert logged["base_accuracy_std"] == pytest.approx(metrics[f"base2new/{method}/base_accuracy_std"])
+        assert ("H" in logged) == (method != "linear-probe")  # the probe has no new-class accuracy, so no H
+        assert mean_run.params["seed"] == "mean of 1,2" and mean_run.tags["aggregate"] == "mean over seeds"
 
 
 def test_baseline_features_of_other_templates_are_refused_as_stale(tmp_path):

@@ -75,6 +75,8 @@ def test_pipeline_flow_runs_every_stage_in_order_under_one_mlflow_parent(prefect
     assert all(r.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"] for r in children)
     assert parents[0].data.tags["random_init"] == "true"  # params.yaml's demo uses random weights
     assert parents[0].data.params["data.dataset"] == "demo-mnist"
+    # the parent's name says what ran on which setting, not just the run's name
+    assert parents[0].info.run_name == "demo · pipeline · demo-mnist 16-shot base2new · ViT-B-32 · attention λ=5"
     assert all(r.info.status == "FINISHED" for r in runs)
 
 

@@ -27,6 +27,17 @@ def tracked_params(tmp_path):
     )
 
 
+def test_the_experiment_is_a_training_experiment_so_the_ui_opens_on_its_runs(tracked_params):
+    client, experiment_id = open_experiment(tracked_params)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made before the tag existed (or by hand) gets it on the next run
+    client.delete_experiment_tag(experiment_id, "mlflow.experimentKind")
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    again, same_id = open_experiment(tracked_params)
+    assert same_id == experiment_id
+    assert again.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_parent_and_nested_runs_with_params_metrics_tags_and_artifacts(tracked_params, tmp_path):
     note = tmp_path / "report.md"
     note.write_text("# report\n")
@@ -153,5 +164,58 @@ def test_best_alias_stays_on_the_version_with_the_highest_headline_metric(regist
     assert logged == [Path(params.run.output_dir) / "generator" / "seed2"] * 3  # the seed best on validation
     client = MlflowClient(params.tracking.uri)
     best = client.get_model_version_by_alias(params.tracking.registered_model, "best")
-    assert str(best.version) == "3" and best.aliases == ["best"] and best.tags["headline_metric"] == "base2new/aape/H_mean" and best.tags["headline_value"] == "80.0"
+    assert str(best.version) == "3" and sorted(best.aliases) == ["best", "best-eurosat-16shot-base2new-vit-b-16-random-init"] and best.tags["headline_metric"] == "base2new/aape/H_mean" and best.tags["headline_value"] == "80.0"
     assert client.get_model_version(params.tracking.registered_model, "2").tags["headline_value"] == "60.0"
+
+
+def test_scores_are_compared_only_within_one_dataset_shots_protocol_and_backbone(registry_params):
+    params, _ = registry_params
+    sixteen = _register(params, 70.0)  # eurosat, 16 shots
+    one_shot = params.model_copy(deep=True)
+    one_shot.data.shots = 1
+    first_one_shot = _register(one_shot, 50.0)  # lower, but not comparable: it is its setting's best
+    worse_sixteen = _register(params, 60.0)
+    aliases = (sixteen["setting_alias"], first_one_shot["setting_alias"])
+    assert aliases == ("best-eurosat-16shot-base2new-vit-b-16-random-init", "best-eurosat-1shot-base2new-vit-b-16-random-init")
+    assert [(r["version"], r["alias"]) for r in (sixteen, first_one_shot, worse_sixteen)] == [("1", "best"), ("2", "best"), ("3", None)]
+    client = MlflowClient(params.tracking.uri)
+    name = params.tracking.registered_model
+    assert str(client.get_model_version_by_alias(name, aliases[0]).version) == "1"  # 60 did not beat 70 of its own setting
+    assert str(client.get_model_version_by_alias(name, aliases[1]).version) == "2"
+    assert str(client.get_model_version_by_alias(name, "best").version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert (tags["setting.dataset"], tags["setting.shots"], tags["setting.protocol"]) == ("eurosat", "1", "base2new")
+
+
+@pytest.mark.parametrize("dvc_status, run_status", [(0, "FINISHED"), (3, "FAILED")])
+def test_aape_repro_opens_one_parent_that_every_dvc_stage_joins(tracked_params, tmp_path, monkeypatch, dvc_status, run_status):
+    from click.testing import CliRunner
+
+    from aape.cli import main
+
+    seen = {}
+
+    def fake_dvc(command, env):
+        # what a DVC stage process does: its own pipeline_run attaches to the parent it is handed
+        seen["command"], seen["parent"] = command, env["AAPE_MLFLOW_PARENT_RUN_ID"]
+        monkeypatch.setenv("AAPE_MLFLOW_PARENT_RUN_ID", env["AAPE_MLFLOW_PARENT_RUN_ID"])
+        for stage in ("prepare-data", "evaluate"):
+            with pipeline_run(tracked_params, stage) as attached, attached.child(stage):
+                pass
+        monkeypatch.delenv("AAPE_MLFLOW_PARENT_RUN_ID")
+        return dvc_status
+
+    monkeypatch.setattr("aape.cli._run_dvc", fake_dvc)
+    sets = [f"-s tracking.uri={tracked_params.tracking.uri}", f"-s tracking.artifact_location={tracked_params.tracking.artifact_location}"]
+    args = ["repro", *" ".join(sets).split(), "--track", "--force", "evaluate"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == dvc_status, result.output
+    assert seen["command"][-4:] == ["dvc", "repro", "--force", "evaluate"]  # dvc's own options pass through
+    client = MlflowClient(tracked_params.tracking.uri)
+    experiment = client.get_experiment_by_name(tracked_params.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [seen["parent"]]  # one parent, not one per stage
+    assert parents[0].data.tags["orchestrator"] == "dvc" and parents[0].info.status == run_status
+    stages = {r.info.run_name: r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert stages == {"prepare-data": seen["parent"], "evaluate": seen["parent"]}

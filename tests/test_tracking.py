@@ -44,3 +44,14 @@ def test_a_failing_stage_fails_inside_its_child_run():
     with pytest.raises(RuntimeError, match="stage broke"):
         run_stage_tracked("extract-features", broken, "P", root)
     assert [c.name for c in root.children] == ["extract-features"] and root.children[0].tags["seen"] == "yes"
+
+
+def test_a_stage_headline_is_logged_on_the_parent_run_as_well():
+    root = RecordingTracker()
+
+    def evaluate(params, tracker=None):
+        return {"outputs": [], "headline": {"base2new/aape/H_mean": 81.5, "base2new/aape/base_accuracy_mean": 88}}
+
+    run_stage_tracked("evaluate", evaluate, "P", root)
+    assert sorted(root.metrics) == [("base2new/aape/H_mean", 81.5, None), ("base2new/aape/base_accuracy_mean", 88.0, None)]
+    assert root.children[0].metrics == []  # the stage's own run got what the stage logged, nothing more

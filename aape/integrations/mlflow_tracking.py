@@ -20,6 +20,9 @@ from aape.config import Params
 log = logging.getLogger(__name__)
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter value's length
+# MLflow 3's UI opens an experiment by its kind: without this tag it shows the GenAI overview
+# ("Traces 0") instead of the runs table
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
@@ -61,6 +64,13 @@ def run_tags(params: Params) -> dict[str, str]:
             "its accuracies say nothing about CLIP or AAPE."
         )
     return tags
+
+
+def parent_run_name(params: Params, what: str) -> str:
+    """A pipeline run's name in the runs table: what was run, on which setting (what sweeps vary)."""
+    g = params.generator
+    return (f"{params.run.name} · {what} · {params.data.dataset} {params.data.shots}-shot {params.data.protocol} · "
+            f"{params.backbone.model} · {params.aggregator.variant} λ={g.lambda_distill:g}")
 
 
 class MlflowTracker:
@@ -134,11 +144,13 @@ def open_experiment(params: Params) -> tuple[Any, str]:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:  # made before the tag existed
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return client, experiment.experiment_id
     location = params.tracking.artifact_location
     if "://" not in location:
         location = Path(location).resolve().as_uri()
-    return client, client.create_experiment(params.tracking.experiment, artifact_location=location)
+    return client, client.create_experiment(params.tracking.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
 
 
 @contextmanager

@@ -123,15 +123,34 @@ def _evaluate_seed(ev: Evaluation, seed: int, tracker: Tracker) -> None:
     if isinstance(classifiers.get("linear-probe"), LinearProbe):
         ev.probes[seed] = classifiers["linear-probe"]  # type: ignore[assignment]
     seed_outcomes = evaluate_seed(classifiers, bundle, ev.info, ev.targets, ev.params.evaluation.batch_size)
-    _log_children(tracker, seed_outcomes, ev.info, bundle, _baseline_tags(bundle, ev.probes.get(seed)))
+    _log_children(tracker, seed_outcomes, ev.info, bundle, ev.params, _baseline_tags(bundle, ev.probes.get(seed)))
     ev.outcomes.extend(seed_outcomes)
 
 
 def _log_run(tracker: Tracker, ev: Evaluation, written: dict[str, Any]) -> None:
     tracker.set_tags({"random_init": str(ev.first.random_init).lower(), "backbone": ev.first.identity})
     tracker.log_metrics({k: v for k, v in written["metrics"].items() if isinstance(v, float)})
+    _log_method_means(tracker, ev, written["summary"])
     for path in written["artifacts"]:  # a folder's files land under eval/<folder>/
         tracker.log_artifact(path, f"eval/{path.name}" if path.is_dir() else "eval")
+
+
+def _log_method_means(tracker: Tracker, ev: Evaluation, summary: dict[tuple[str, str, str], dict[str, MeanStd]]) -> None:
+    """One run per method (and transfer target) over all seeds: `<metric>` is the mean, `<metric>_std`
+    the std, so "AAPE against CoOp" is two rows of the runs table, each with its headline columns."""
+    seeds = ",".join(str(s) for s in ev.params.run.seeds)
+    for (scope, dataset, method), metrics in summary.items():
+        tags = {"method": method, "scope": scope, "dataset": dataset, "train_dataset": ev.info.dataset, "aggregate": "mean over seeds",
+                "random_init": str(ev.first.random_init).lower()}
+        n = max((m.n for m in metrics.values()), default=0)
+        with tracker.child(_child_name(scope, dataset, method, ev.info, f"mean of {n} seeds"), tags=tags) as child:
+            child.log_params({**method_params(method, ev.params, ev.info), "seed": f"mean of {seeds}"})
+            values = {}
+            for name, value in metrics.items():
+                if value.n:  # metrics a method cannot have (the probe's new-class accuracy) are left out
+                    values[name] = value.mean
+                    values[f"{name}_std"] = value.std
+            child.log_metrics(values)
 
 
 def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) -> None:
@@ -217,9 +236,27 @@ def _backbone_names(identity: str) -> tuple[str, str]:
     return model, weights.removeprefix("tag:")
 
 
-def _child_name(outcome: SetOutcome, info: ClassesManifest) -> str:
-    base = f"{outcome.method}/seed{outcome.seed}"
-    return base if outcome.scope == info.protocol else f"{outcome.scope}:{outcome.dataset}/{base}"
+def _child_name(scope: str, dataset: str, method: str, info: ClassesManifest, seeds: str) -> str:
+    """What the MLflow runs table shows: method, dataset (training -> target for transfer), seeds."""
+    where = info.dataset if scope == info.protocol else f"{info.dataset} -> {dataset} ({scope})"
+    return f"{method} · {where} · {seeds}"
+
+
+def method_params(method: str, params: Params, info: ClassesManifest) -> dict[str, str]:
+    """What tells one method run from another in MLflow's compare view (the same keys for every method)."""
+    aape = method in ("aape", "aape-nodistill")
+    generator = params.generator
+    return {
+        "method": method,
+        "dataset": info.dataset,
+        "protocol": info.protocol,
+        "shots": str(info.shots),
+        "backbone": params.backbone.model,
+        "weights": params.backbone.pretrained,
+        "lambda_distill": (str(0.0 if method == "aape-nodistill" else generator.lambda_distill)) if aape else "n/a",
+        "aggregator": params.aggregator.variant if method == "aape" else "n/a",
+        "head": f"{generator.head}/{generator.head_init}" if aape else "n/a",
+    }
 
 
 def _baseline_tags(bundle: FeatureBundle, probe: LinearProbe | None) -> dict[str, dict[str, str]]:
@@ -234,7 +271,7 @@ def _baseline_tags(bundle: FeatureBundle, probe: LinearProbe | None) -> dict[str
     return tags
 
 
-def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesManifest, bundle: FeatureBundle,
+def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesManifest, bundle: FeatureBundle, params: Params,
                   method_tags: dict[str, dict[str, str]] | None = None) -> None:
     groups: dict[tuple[str, str, str], list[SetOutcome]] = {}
     for outcome in outcomes:
@@ -244,7 +281,8 @@ def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesMan
                 "train_dataset": info.dataset, "random_init": str(bundle.random_init).lower()}
         if scope == info.protocol:
             tags.update((method_tags or {}).get(method, {}))
-        with tracker.child(_child_name(group[0], info), tags=tags) as child:
+        with tracker.child(_child_name(scope, dataset, method, info, f"seed {bundle.seed}"), tags=tags) as child:
+            child.log_params({**method_params(method, params, info), "seed": str(bundle.seed)})
             child.log_metrics(seed_metrics(group))
             notes = sorted({o.note for o in group if o.note})
             if notes:
@@ -265,7 +303,7 @@ def _write_outputs(ev: Evaluation) -> dict[str, Any]:
     report = out / "report.md"
     atomic_write_text(report, render_report(_report_context(ev, tables, figures, remarks)))
     files += [report, plots_dir]
-    return {"files": files, "metrics": tables.metrics, "artifacts": [report, ev.layout.metrics, out / "results.parquet",
+    return {"files": files, "metrics": tables.metrics, "summary": tables.summary, "artifacts": [report, ev.layout.metrics, out / "results.parquet",
                                                                     out / "per_class.parquet", plots_dir]}
 
 
