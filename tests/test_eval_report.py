@@ -143,3 +143,55 @@ def test_attention_figure(tmp_path):
     assert other.shape == drawn.shape and np.abs(other - drawn).mean() > 1.0, "the heat map shows the weights"
     with pytest.raises(ValueError, match="3x7 but there are 1 image labels and 1 descriptions"):
         plots.attention_over_descriptions(weights, ["too few"], ["img"], tmp_path / "bad.png", "attention")
+
+
+def _colour_pixels(pixels: np.ndarray, hex_colour: str) -> int:
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
+    return int((np.abs(pixels - rgb).sum(axis=-1) < 30).sum())
+
+
+def test_a_method_has_one_colour_in_every_figure(tmp_path):
+    aape, zeroshot = plots.method_colour("aape"), plots.method_colour("zeroshot")
+    assert aape != zeroshot and plots.method_colour("some-new-method") == plots.method_colour("some-new-method")
+    curve = pd.DataFrame({"method": ["aape"] * 2 + ["zeroshot"] * 2, "shots": [1, 16] * 2, "mean": [50.0, 70.0, 40.0, 45.0], "std": [1.0] * 4})
+    per_class = pd.DataFrame({"method": ["zeroshot", "aape"] * 2, "class_name": ["a", "a", "b", "b"], "accuracy": [30.0, 80.0, 40.0, 90.0]})
+    only_zeroshot = pd.DataFrame({"method": ["zeroshot"] * 2, "class_name": ["a", "b"], "accuracy": [30.0, 40.0]})
+    for path in (plots.accuracy_vs_shots(curve, "H (%)", tmp_path / "shots.png", "t")[0],
+                 plots.per_class_bars(per_class, ["zeroshot", "aape"], tmp_path / "bars.png", "t")):
+        pixels = _png(path)[1]
+        assert _colour_pixels(pixels, aape) > 50 and _colour_pixels(pixels, zeroshot) > 50, path.name
+    pixels = _png(plots.per_class_bars(only_zeroshot, ["zeroshot"], tmp_path / "zs.png", "t"))[1]
+    assert _colour_pixels(pixels, aape) == 0  # the colour is the method's, not the position's
+
+
+def test_a_zero_bar_is_drawn(tmp_path):
+    def aape_ink(classes: int) -> int:
+        table = pd.DataFrame({"method": ["zeroshot", "aape"] * classes, "class_name": [f"c{i // 2}" for i in range(2 * classes)],
+                              "accuracy": [50.0, 0.0] * classes})
+        return _colour_pixels(_png(plots.per_class_bars(table, ["zeroshot", "aape"], tmp_path / f"z{classes}.png", "t"))[1], plots.method_colour("aape"))
+
+    # AAPE at 0% on every class: without a mark its colour would appear in the legend only, whatever
+    # the class count; with one, each zero class adds a stub and its "0" label in AAPE's colour
+    assert aape_ink(12) > aape_ink(2) + 10 * 5
+
+
+def test_a_single_shot_count_is_drawn_as_labelled_points_not_a_shots_axis(tmp_path):
+    single = pd.DataFrame({"method": ["aape", "zeroshot", "cupl"], "shots": [16] * 3, "mean": [70.0, 60.0, 65.0], "std": [1.0, 0.0, 2.0]})
+    path, remark = plots.accuracy_vs_shots(single, "H (%)", tmp_path / "single.png", "eurosat")
+    pixels = _png(path)[1]
+    for method in ("aape", "zeroshot", "cupl"):
+        assert _colour_pixels(pixels, plots.method_colour(method)) > 20, method
+    assert "only 16 shots" in remark
+
+
+def test_a_stamped_figure_carries_the_notice_in_its_pixels(tmp_path):
+    per_class = pd.DataFrame({"method": ["aape"] * 2, "class_name": ["a", "b"], "accuracy": [30.0, 40.0]})
+    path = plots.per_class_bars(per_class, ["aape"], tmp_path / "bars.png", "t")
+    (width, height), before = _png(path)
+    plots.stamp_notice(path, "RANDOM-INIT BACKBONE: weights are random, accuracies mean nothing about CLIP")
+    (width_after, height_after), after = _png(path)
+    assert width_after == width and height_after > height + 10
+    band = after[: height_after - height]
+    assert _colour_pixels(band, "#b00020") > 0.5 * band.shape[0] * band.shape[1]  # a red banner...
+    assert (band.min(axis=-1) > 200).sum() > 50  # ...with white text on it
+    assert np.array_equal(after[height_after - height :], before)  # the figure itself is untouched

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -384,3 +385,14 @@ def test_cross_dataset_baselines_use_the_target_dataset_templates(tmp_path):
     assert len(target.templates.ensemble) == 18  # CLIP's CIFAR10 set, the target's own
     expected = class_template_features(backbone, names, target.templates.ensemble, tmp_path / "c")
     assert torch.allclose(target.class_ensemble, expected, atol=1e-5)
+
+
+def test_every_figure_of_a_random_init_run_says_so_in_its_own_pixels(evaluated):
+    params, layout, tracker, summary = evaluated
+    pngs = sorted((layout.eval / "plots").glob("*.png"))
+    assert len(pngs) >= 3
+    for png in pngs:
+        with Image.open(png) as image:
+            top = np.asarray(image.convert("RGB"))[:10].reshape(-1, 3).astype(int)
+        red = (np.abs(top - [0xB0, 0x00, 0x20]).sum(axis=1) < 30).mean()
+        assert red > 0.8, f"{png.name} has no RANDOM-INIT banner"

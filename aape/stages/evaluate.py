@@ -28,7 +28,7 @@ from aape.evaluation.outputs import (
     shots_result_files,
     write_parquet,
 )
-from aape.evaluation.plots import accuracy_vs_shots
+from aape.evaluation.plots import accuracy_vs_shots, stamp_notice
 from aape.evaluation.protocols import TransferTarget, build_classifiers, evaluate_seed, model_dir
 from aape.evaluation.report import ReportContext, render_report
 from aape.evaluation.metrics import MeanStd
@@ -338,6 +338,9 @@ def _figures(ev: Evaluation, tables: Tables, plots_dir: Path) -> tuple[list[tupl
     remarks.append(remark)
     if attention is not None:
         figures.append(("Aggregator attention over one class's descriptions (the paper's figure 7)", attention))
+    if ev.first.random_init:  # each PNG says so itself, wherever it is seen without the report
+        for _, path in figures:
+            stamp_notice(Path(path), RANDOM_INIT_NOTICE)
     return figures, remarks
 
 
