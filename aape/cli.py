@@ -176,6 +176,27 @@ def repro(params_file: str, overrides: tuple[str, ...], track: bool | None, dvc_
         raise SystemExit(code)
 
 
+@main.command("plots", context_settings={"ignore_unknown_options": True})
+@click.argument("action", type=click.Choice(["show", "diff"]))
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def plots(action: str, dvc_args: tuple[str, ...]) -> None:
+    """`dvc plots show|diff [DVC_ARGS]` with a page that renders offline.
+
+    DVC's page loads its chart libraries from a CDN, so without internet the curves are blank; this
+    passes DVC a template with them inline (aape/integrations/dvc_plots.py). Output as DVC's:
+    dvc_plots/index.html unless -o says otherwise.
+    """
+    import tempfile
+
+    from aape.integrations.dvc_plots import write_offline_template
+
+    with tempfile.TemporaryDirectory() as tmp:
+        template = write_offline_template(Path(tmp) / "offline.html")
+        code = _run_dvc([sys.executable, "-m", "dvc", "plots", action, "--html-template", str(template), *dvc_args], dict(os.environ))
+    if code:
+        raise SystemExit(code)
+
+
 def _run_dvc(command: list[str], env: dict[str, str]) -> int:
     import subprocess
 

@@ -21,11 +21,11 @@ def test_help_lists_every_stage_and_tool_command():
     assert result.exit_code == 0
     # the first word of each line under "Commands:", in order: not a substring anywhere in the text
     listed = result.output.split("Commands:\n", 1)[1].splitlines()
-    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "predict", "config"]
+    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "plots", "predict", "config"]
     assert "  run                Run the stages in order in this process" in result.output
 
 
-@pytest.mark.parametrize("command", [[name] for name in STAGES] + [["run"], ["repro"], ["predict"], ["config", "show"], ["config", "check"]])
+@pytest.mark.parametrize("command", [[name] for name in STAGES] + [["run"], ["repro"], ["plots", "show"], ["predict"], ["config", "show"], ["config", "check"]])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output

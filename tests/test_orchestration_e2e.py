@@ -115,3 +115,33 @@ def test_sweep_flow_runs_each_cell_into_its_own_folder(tmp_path, tiny_backbone, 
         assert json.loads((out / "aggregator" / "seed1" / "aggregator.json").read_text())["variant"] == cell["variant"]
         assert "base2new/aape/H_mean" in cell["metrics"]
     assert not (project / "dvc.lock").exists(), "sweep cells are not DVC's outputs"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_teammate_restores_every_output_from_the_shared_remote(tmp_path, tiny_backbone):
+    # the README's team flow: run; commit dvc.lock and the metrics; dvc push; a teammate clones and pulls
+    project = _project(tmp_path, tiny_backbone)
+    _sh(["dvc", "remote", "add", "-d", "team", str(tmp_path / "team-remote")], project)
+    _sh(["dvc", "repro"], project)
+    _sh(["git", "add", "-A"], project)
+    committed = _sh(["git", "diff", "--cached", "--name-only"], project).stdout.split()
+    assert "dvc.lock" in committed and "artifacts/eval/metrics.json" in committed  # DVC does not cache the metrics
+    assert not any(name.startswith("artifacts/features/") for name in committed)  # cached outputs stay out of git
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "run"], project)
+    _sh(["dvc", "push"], project)
+
+    teammate = tmp_path / "teammate"
+    _sh(["git", "clone", "-q", str(project), str(teammate)], tmp_path)
+    assert not (teammate / "artifacts" / "generator").exists()
+    _sh(["dvc", "pull"], teammate)
+    assert "up to date" in _sh(["dvc", "status"], teammate).stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = sorted({out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])})
+    assert len(outs) >= 6
+    for out in outs:  # byte for byte what the first machine made
+        mine, theirs = project / out, teammate / out
+        assert (_files(mine) == _files(theirs)) if mine.is_dir() else (mine.read_bytes() == theirs.read_bytes()), out
+    assert _ran_stages(_sh(["dvc", "repro"], teammate).stdout) == []  # nothing to recompute
