@@ -66,5 +66,6 @@ echo
 echo "Report:        $ROOT/$OUT/eval/report.md  (plots in $ROOT/$OUT/eval/plots/)"
 echo "Metrics (DVC): $ROOT/$OUT/eval/metrics.json   ->  dvc metrics show; dvc status (clean after this run)"
 echo "MLflow UI:     .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+echo "               then http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning (the runs, not the GenAI overview)"
 echo "Prefect UI:    PREFECT_HOME=.prefect .venv/bin/prefect server start --host 127.0.0.1   (the run history is kept)"
 echo "Rerun via DVC: source .venv/bin/activate && dvc repro   (nothing to do right after this run)"
