@@ -41,7 +41,7 @@ print(exp["experiment_id"], compare)
 EOF
 )
 shoot() {  # url, file: the SPA needs virtual time to fetch and draw
-  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 \
+  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=2200,1000 \
     --virtual-time-budget=20000 --screenshot="$2" "$1" > /dev/null 2>&1
   echo "  $2"
 }
