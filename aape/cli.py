@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -68,13 +67,9 @@ def _apply_runtime(params: Params) -> None:
 
 
 def _tracker_context(params: Params, track: bool | None, what: str):
-    enabled = params.tracking.enabled if track is None else track
-    if not enabled:
-        return nullcontext(None)
-    from aape.integrations.mlflow_tracking import parent_run_name, pipeline_run
+    from aape.integrations.mlflow_tracking import tracked_pipeline
 
-    orchestrator = os.environ.get("AAPE_ORCHESTRATOR", "cli")
-    return pipeline_run(params, run_name=parent_run_name(params, what), extra_tags={"orchestrator": orchestrator})
+    return tracked_pipeline(params, track, what, orchestrator=os.environ.get("AAPE_ORCHESTRATOR", "cli"))
 
 
 def _run_stages(names: list[str], params: Params, track: bool | None) -> dict:

@@ -14,7 +14,6 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aape")
 
 import json  # noqa: E402
 import logging  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
@@ -22,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from aape.config import Params, load_params  # noqa: E402
 from aape.errors import report_errors  # noqa: E402
+from aape.integrations.mlflow_tracking import tracked_pipeline  # noqa: E402
 from aape.layout import Layout  # noqa: E402
 from aape.preflight import preflight  # noqa: E402
 from aape.stages import STAGES  # noqa: E402
@@ -58,14 +58,6 @@ def results_markdown(params: Params) -> str:
     return "_The evaluation stage wrote no report._"
 
 
-def _tracker(params: Params, track: bool | None):
-    if not (params.tracking.enabled if track is None else track):
-        return nullcontext(None)
-    from aape.integrations.mlflow_tracking import parent_run_name, pipeline_run
-
-    return pipeline_run(params, run_name=parent_run_name(params, "pipeline"), extra_tags={"orchestrator": "prefect"})
-
-
 @flow(name="aape-pipeline", log_prints=True)
 def pipeline(
     params_file: str = "params.yaml",
@@ -90,7 +82,7 @@ def pipeline(
     if params.backbone.random_init:
         logger.warning("RANDOM-INIT BACKBONE: results of this run say nothing about CLIP or AAPE")
     summaries: dict[str, Any] = {}
-    with _tracker(params, track) as tracker:
+    with tracked_pipeline(params, track, "pipeline", orchestrator="prefect") as tracker:
         for name in STAGES:
             summaries[name] = STAGE_TASKS[name](name, params, tracker)
         markdown = results_markdown(params)

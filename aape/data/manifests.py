@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 from aape.atomic import atomic_write, atomic_write_json
 from aape.data.images import DataError
 from aape.data.records import Record
+
+if TYPE_CHECKING:
+    from aape.config import ScheduleConfig
 
 SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("classname", pa.string())])
 METADATA_KEY = b"aape"
@@ -230,6 +233,11 @@ class ClassesManifest(ClassNames):
     @property
     def train_classnames(self) -> list[str]:
         return [self.classnames[c] for c in self.train_classes]
+
+    def epochs(self, schedule: ScheduleConfig) -> int:
+        """CoOp's epoch count for the shots and dataset this data was prepared with, not params.data's
+        (which may be an alias, or changed since)."""
+        return schedule.resolved_epochs(self.shots, self.dataset)
 
     def to_json(self) -> dict[str, Any]:
         """The file's content in the documented key order; num_classes is derived, for human readers."""

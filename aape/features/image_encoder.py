@@ -200,7 +200,9 @@ class _DecodeDataset(Dataset):
         clean = [self.specs[s].is_clean for s in spec_ids]
         try:
             full = open_image(self.root / rel) if not all(clean) else None
-            drafted = open_image(self.root / rel, self.draft_size) if any(clean) and (full is None or self.draft_size) else full
+            drafted = full  # the evaluation view shares the full decode unless it may be reduced
+            if any(clean) and (full is None or self.draft_size):
+                drafted = open_image(self.root / rel, self.draft_size)
         except UnreadableImageError as exc:
             return row, spec_ids, None, exc.reason
         views = [self._apply(drafted if is_clean else full, rel, self.specs[s]) for s, is_clean in zip(spec_ids, clean)]

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,6 +64,14 @@ def run_tags(params: Params) -> dict[str, str]:
             "its accuracies say nothing about CLIP or AAPE."
         )
     return tags
+
+
+def tracked_pipeline(params: Params, track: bool | None, what: str, orchestrator: str) -> AbstractContextManager:
+    """The parent run of one pipeline run (`what` ran, started by `orchestrator`), or a context that
+    yields None when tracking is off; `track` overrides tracking.enabled. The CLI and the flows use it."""
+    if not (params.tracking.enabled if track is None else track):
+        return nullcontext(None)
+    return pipeline_run(params, run_name=parent_run_name(params, what), extra_tags={"orchestrator": orchestrator})
 
 
 def parent_run_name(params: Params, what: str) -> str:

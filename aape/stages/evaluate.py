@@ -140,8 +140,7 @@ def _log_method_means(tracker: Tracker, ev: Evaluation, summary: dict[tuple[str,
     the std, so "AAPE against CoOp" is two rows of the runs table, each with its headline columns."""
     seeds = ",".join(str(s) for s in ev.params.run.seeds)
     for (scope, dataset, method), metrics in summary.items():
-        tags = {"method": method, "scope": scope, "dataset": dataset, "train_dataset": ev.info.dataset, "aggregate": "mean over seeds",
-                "random_init": str(ev.first.random_init).lower()}
+        tags = {**_method_tags(scope, dataset, method, ev.info, ev.first.random_init), "aggregate": "mean over seeds"}
         n = max((m.n for m in metrics.values()), default=0)
         with tracker.child(_child_name(scope, dataset, method, ev.info, f"mean of {n} seeds"), tags=tags) as child:
             child.log_params({**method_params(method, ev.params, ev.info), "seed": f"mean of {seeds}"})
@@ -242,6 +241,11 @@ def _child_name(scope: str, dataset: str, method: str, info: ClassesManifest, se
     return f"{method} · {where} · {seeds}"
 
 
+def _method_tags(scope: str, dataset: str, method: str, info: ClassesManifest, random_init: bool) -> dict[str, str]:
+    """The tags of a method's tracker run, per seed or over seeds."""
+    return {"method": method, "scope": scope, "dataset": dataset, "train_dataset": info.dataset, "random_init": str(random_init).lower()}
+
+
 def method_params(method: str, params: Params, info: ClassesManifest) -> dict[str, str]:
     """What tells one method run from another in MLflow's compare view (the same keys for every method)."""
     aape = method in ("aape", "aape-nodistill")
@@ -277,8 +281,7 @@ def _log_children(tracker: Tracker, outcomes: list[SetOutcome], info: ClassesMan
     for outcome in outcomes:
         groups.setdefault((outcome.scope, outcome.dataset, outcome.method), []).append(outcome)
     for (scope, dataset, method), group in groups.items():
-        tags = {"method": method, "seed": str(bundle.seed), "scope": scope, "dataset": dataset,
-                "train_dataset": info.dataset, "random_init": str(bundle.random_init).lower()}
+        tags = {**_method_tags(scope, dataset, method, info, bundle.random_init), "seed": str(bundle.seed)}
         if scope == info.protocol:
             tags.update((method_tags or {}).get(method, {}))
         with tracker.child(_child_name(scope, dataset, method, info, f"seed {bundle.seed}"), tags=tags) as child:

@@ -51,8 +51,7 @@ class SeedRun:
 
     @property
     def epochs(self) -> int:
-        """CoOp's count for the shots and dataset the data was prepared with (classes.json), not params.data's."""
-        return self.cfg.schedule.resolved_epochs(self.classes.shots, self.classes.dataset)
+        return self.classes.epochs(self.cfg.schedule)
 
 
 @dataclass
