@@ -1,6 +1,8 @@
 """`aape`: one command line for every stage.
 
-    aape prepare-data | generate-prompts | extract-features | train-aggregator | distill-generator | evaluate
+    aape prepare-data | generate-prompts | extract-features | train-aggregator | distill-generator |
+         train-baselines | evaluate
+    aape methods        the methods evaluation.methods accepts: what each needs, trains and reports
     aape run            all stages in order, in this process
     aape predict        classify images with a trained model and any class names
     aape config show    the validated configuration, defaults filled in
@@ -215,6 +217,20 @@ def predict(images, model_dir, classes, top_k, output_csv, params_file, override
     names = read_class_names(classes)
     predictions = predict_paths([Path(p) for p in images], Path(model_dir), names, params, top_k=top_k)
     write_or_print(predictions, output_csv)
+
+
+@main.command("methods")
+def methods() -> None:
+    """List the methods of the registry (aape/methods/registry.py)."""
+    from aape.methods.registry import METHODS, REFERENCE_SETTING
+
+    setting = ", ".join(f"{k} {v}" for k, v in REFERENCE_SETTING.items())
+    click.echo(f"{'method':<18} {'trained by':<18} {'text encoder':<13} {'unseen classes':<15} published B / N / H ({setting})")
+    for name, spec in METHODS.items():
+        reference = f"{spec.reference.base} / {spec.reference.new} / {spec.reference.H} ({spec.reference.source})" if spec.reference else "-"
+        click.echo(f"{name:<18} {spec.trainer:<18} {'yes' if spec.text_encoder else 'no':<13} "
+                   f"{'yes' if spec.scores_unseen else 'no':<15} {reference}")
+        click.echo(f"{'':<18} {spec.title}" + (f"; unseen: {spec.unseen}" if spec.unseen else ""))
 
 
 @main.group("config")

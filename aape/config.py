@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from aape.errors import AAPEError
+from aape.methods.registry import METHODS, TRAIN_BASELINES
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -278,11 +279,48 @@ class GeneratorConfig(_Section):
     schedule: GeneratorSchedule = Field(default_factory=GeneratorSchedule)
 
 
-EVAL_METHODS = ("zeroshot", "zeroshot-ensemble", "cupl", "linear-probe", "aape-nodistill", "aape")
+EVAL_METHODS = tuple(METHODS)  # aape/methods/registry.py (as imported; validation reads the registry live)
+DEFAULT_EVAL_METHODS = ("zeroshot", "zeroshot-ensemble", "cupl", "linear-probe", "aape-nodistill", "aape")
+
+
+def _method_section(spec) -> type[BaseModel]:
+    """params.yaml's `baselines.<method>`: the registry entry's settings plus its schedule, with the
+    defaults its authors published (docs/method.md, "Baselines")."""
+    schedule_defaults = {**(spec.schedule or {})}
+    preset = schedule_defaults.pop("preset", "coop")
+    optimiser = {k: schedule_defaults.pop(k) for k in _OPTIMISER_KEYS if k in schedule_defaults}
+    if optimiser:  # the method's published optimiser becomes a preset named after it
+        OPTIMISER_PRESETS[spec.name] = {**OPTIMISER_PRESETS[preset], **optimiser}
+        preset = spec.name
+    schedule_fields: dict[str, Any] = {
+        "preset": (str, Field(preset, description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")),
+    }
+    for key, value in schedule_defaults.items():
+        annotation = ScheduleConfig.model_fields[key].annotation
+        schedule_fields[key] = (annotation, Field(value))
+    schedule = create_model(f"{spec.key.title().replace('_', '')}Schedule", __base__=ScheduleConfig, **schedule_fields)
+    fields: dict[str, Any] = {
+        name: (setting.type, Field(setting.default, description=setting.description, **setting.constraints))
+        for name, setting in spec.settings.items()
+    }
+    fields["schedule"] = (schedule, Field(default_factory=schedule))
+    return create_model(f"{spec.key.title().replace('_', '')}Config", __base__=_Section, **fields)
+
+
+# one section per method the train-baselines stage trains
+BaselinesConfig = create_model(
+    "BaselinesConfig",
+    __base__=_Section,
+    **{spec.key: (section, Field(default_factory=section)) for spec in METHODS.values() if spec.trainer == TRAIN_BASELINES
+       for section in (_method_section(spec),)},
+)
 
 
 class EvaluationConfig(_Section):
-    methods: list[Literal[EVAL_METHODS]] = Field(default_factory=lambda: list(EVAL_METHODS))  # type: ignore[valid-type]
+    methods: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_METHODS),
+        description="methods to evaluate, in report order: any of aape/methods/registry.py's",
+    )
     cross_datasets: list[str] = Field(default_factory=list)
     domain_shift: list[str] = Field(default_factory=list)
     batch_size: int = Field(256, ge=1)
@@ -304,6 +342,17 @@ class EvaluationConfig(_Section):
         default_factory=list,
         description="results.parquet files (globs) of runs with other data.shots, for the accuracy-vs-shots plot",
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]  # read now: a method registered at run time counts
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; allowed values: {', '.join(METHODS)}")
+        repeated = sorted({m for m in v if v.count(m) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once")
+        return v
 
     @field_validator("linear_probe_c_range")
     @classmethod
@@ -329,6 +378,7 @@ class Params(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)  # type: ignore[valid-type]
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

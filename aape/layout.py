@@ -6,6 +6,7 @@
       features/    seed{S}/{train,val,test}.safetensors, text.safetensors, index.json
       aggregator/  seed{S}/aggregator.safetensors, aggregator.json, summaries.safetensors, history.json
       generator/   seed{S}/generator.safetensors, generator.json, history.json
+      baselines/   <method>/seed{S}/model.safetensors, model.json, history.json; trained.json
       eval/        metrics.json, per_class.parquet, results.parquet, report.md, plots/
 """
 
@@ -46,6 +47,13 @@ class Layout:
     @property
     def generator(self) -> Path:
         return self.root / "generator"
+
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
+    def baseline_dir(self, method: str, seed: int) -> Path:
+        return self.seed_dir(self.baselines / method, seed)
 
     @property
     def eval(self) -> Path:

@@ -21,7 +21,7 @@ def test_help_lists_every_stage_and_tool_command():
     assert result.exit_code == 0
     # the first word of each line under "Commands:", in order: not a substring anywhere in the text
     listed = result.output.split("Commands:\n", 1)[1].splitlines()
-    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "plots", "predict", "config"]
+    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "plots", "predict", "methods", "config"]
     assert "  run                Run the stages in order in this process" in result.output
 
 
@@ -30,6 +30,17 @@ def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "--params" in result.output
+
+
+def test_methods_lists_every_registered_method_with_what_it_needs():
+    from aape.methods.registry import METHODS
+
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:] if line and not line.startswith(" ")}
+    assert list(rows) == list(METHODS)
+    assert rows["coop"][1:4] == ["train-baselines", "yes", "yes"] and rows["tip-adapter-f"][1:4] == ["train-baselines", "no", "no"]
+    assert "82.69 / 63.22 / 71.66" in result.output  # CoOp's published base-to-new average
 
 
 def test_plots_help_says_what_it_adds_to_dvc():  # DVC reads params.yaml itself: no --params here

@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from aape.config import EVAL_METHODS, dump_params, load_params
+from aape.config import dump_params, load_params
+from aape.methods.registry import METHODS, TRAIN_BASELINES
 
 # a four-class EuroSAT in CoOp's layout: eurosat/2750/<Folder>/*.jpg + eurosat/split_zhou_EuroSAT.json
 FOLDERS = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest", "River": "River", "SeaLake": "Sea or Lake"}
@@ -51,6 +52,8 @@ def test_coop_layout_run_from_the_command_line_then_predict(tmp_path, tiny_backb
         f"prompts.file={tmp_path / 'data' / 'cupl.json'}", "features.augmented_views=2", "features.num_workers=0",
         "aggregator.heads=2", "aggregator.schedule.epochs=2", "generator.schedule.epochs=3", "tracking.enabled=false",
         "evaluation.linear_probe_c_range=[1.0, 100.0]", "evaluation.linear_probe_c_coarse_points=2", "evaluation.linear_probe_c_refine_steps=0",
+        f"evaluation.methods=[{', '.join(METHODS)}]", *(f"baselines.{spec.key}.schedule.epochs=2" for spec in METHODS.values()
+                                                          if spec.trainer == TRAIN_BASELINES),
     ])
     params_file = tmp_path / "params.yaml"
     dump_params(params, params_file)
@@ -59,7 +62,7 @@ def test_coop_layout_run_from_the_command_line_then_predict(tmp_path, tiny_backb
 
     out = tmp_path / "artifacts" / "eval"
     results = pd.read_parquet(out / "results.parquet")
-    assert set(results["method"]) == set(EVAL_METHODS) and set(results["eval_set"]) == {"base", "new"}
+    assert set(results["method"]) == set(METHODS) and set(results["eval_set"]) == {"base", "new"}
     report = (out / "report.md").read_text()
     assert "## Base-to-new generalisation on eurosat" in report and "| AAPE |" in report
     metrics = json.loads((out / "metrics.json").read_text())

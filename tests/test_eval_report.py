@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from aape.config import EVAL_METHODS
+from aape.config import DEFAULT_EVAL_METHODS as EVAL_METHODS
 from aape.evaluation import plots
 from aape.evaluation.metrics import MeanStd
 from aape.evaluation.report import RANDOM_INIT_WARNING, ReportContext, render_report

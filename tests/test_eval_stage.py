@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aape.atomic import atomic_save_tensors, atomic_write_json
-from aape.config import EVAL_METHODS, load_params
+from aape.config import DEFAULT_EVAL_METHODS as EVAL_METHODS, load_params
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import accuracy, harmonic_mean
 from aape.features.baseline_templates import baseline_templates
@@ -253,10 +253,8 @@ def _images(folder, n=2, size=32):
         Image.new("RGB", (size, size), ((37 * i + len(folder.name) * 20) % 255, 90, 160)).save(folder / f"{i}.png")
 
 
-def test_transfer_protocols_on_datasets_in_their_own_layouts(tmp_path):
-    from aape.stages.evaluate import run
-
-    data = tmp_path / "data"
+def write_transfer_datasets(data):
+    """A 3-class CIFAR-10 in torchvision's folder layout and an ImageNet-Sketch of the toy's six classes."""
     for split, n in (("train", 3), ("test", 2)):
         for name in ("cat", "dog", "ship"):
             _images(data / "cifar10" / split / name, n)
@@ -265,6 +263,12 @@ def test_transfer_protocols_on_datasets_in_their_own_layouts(tmp_path):
     (sketch / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(WNIDS, CLASSNAMES)))
     for wnid in WNIDS:
         _images(sketch / "images" / wnid)
+
+
+def test_transfer_protocols_on_datasets_in_their_own_layouts(tmp_path):
+    from aape.stages.evaluate import run
+
+    write_transfer_datasets(tmp_path / "data")
     params = _params(tmp_path, "evaluation.cross_datasets=[cifar10]", "evaluation.domain_shift=[imagenet_sketch]",
                      "evaluation.methods=[zeroshot, cupl, linear-probe, aape]")
     layout = write_run(params, nodistill=False)

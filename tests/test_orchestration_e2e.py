@@ -49,6 +49,8 @@ def _project(tmp: Path, tiny_backbone) -> Path:
         "features.augmented_views=2", "features.num_workers=0", "aggregator.heads=2", "aggregator.schedule.epochs=2",
         "generator.schedule.epochs=3", "tracking.enabled=false", "evaluation.linear_probe_c_range=[1.0, 100.0]",
         "evaluation.linear_probe_c_coarse_points=2", "evaluation.linear_probe_c_refine_steps=0",
+        # one prompt learner through the train-baselines stage beside AAPE
+        "evaluation.methods=[zeroshot, cupl, linear-probe, coop, aape-nodistill, aape]", "baselines.coop.schedule.epochs=2",
     ])
     dump_params(params, project / "params.yaml")
     _sh(["git", "init", "-q"], project)
@@ -71,7 +73,9 @@ def test_prefect_run_is_recorded_in_dvc_and_repro_reuses_it(tmp_path, tiny_backb
     assert result["dvc"] == "recorded"
     metrics_from_prefect = json.loads((project / "artifacts/eval/metrics.json").read_text())
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare-data", "generate-prompts", "extract-features", "train-aggregator", "distill-generator", "evaluate"}
+    assert set(lock["stages"]) == {"prepare-data", "generate-prompts", "extract-features", "train-aggregator", "distill-generator",
+                                   "train-baselines", "evaluate"}
+    assert "base2new/coop/H_mean" in metrics_from_prefect
 
     status = _sh(["dvc", "status"], project)
     assert "up to date" in status.stdout
@@ -97,7 +101,8 @@ def test_prefect_run_is_recorded_in_dvc_and_repro_reuses_it(tmp_path, tiny_backb
     params["generator"]["lambda_distill"] = 5.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _ran_stages(_sh(["dvc", "repro", "--force"], project).stdout)
-    assert ran == ["prepare-data", "generate-prompts", "extract-features", "train-aggregator", "distill-generator", "evaluate"]
+    assert ran == ["prepare-data", "generate-prompts", "extract-features", "train-aggregator", "distill-generator",
+                   "train-baselines", "evaluate"]
     assert json.loads((project / "artifacts/eval/metrics.json").read_text()) == metrics_from_prefect
     assert "up to date" in _sh(["dvc", "status"], project).stdout
 

@@ -47,6 +47,17 @@ class Classifier(Protocol):
 
 
 @dataclass
+class Unavailable:
+    """A method that cannot run on this data; every set it is asked about is reported n/a with `reason`."""
+
+    name: str
+    reason: str
+
+    def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        raise NotApplicable(self.reason)
+
+
+@dataclass
 class TextClassifier:
     """Cosine similarity to one embedding per class, times CLIP's logit scale."""
 

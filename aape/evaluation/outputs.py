@@ -16,7 +16,7 @@ from aape.atomic import atomic_write
 from aape.evaluation import plots
 from aape.evaluation.classifiers import EvaluationError
 from aape.evaluation.metrics import confusion_matrix, harmonic_mean_of_means, mean_std
-from aape.evaluation.report import METHOD_TITLES
+from aape.evaluation.report import method_title
 from aape.evaluation.results import BASE2NEW, SetOutcome
 from aape.features import FeatureBundle
 from aape.layout import Layout
@@ -144,7 +144,7 @@ def confusion_figures(outcomes: Sequence[SetOutcome], method: str, seed: int, sc
         if o.method != method or o.seed != seed or o.scope != scope or not o.applicable or o.predictions is None:
             continue
         matrix = confusion_matrix(o.predictions, o.labels, len(o.classes))
-        caption = f"Confusion matrix: {METHOD_TITLES.get(method, method)}, {o.eval_set} classes, seed {seed}"
+        caption = f"Confusion matrix: {method_title(method)}, {o.eval_set} classes, seed {seed}"
         path, remark = plots.confusion(matrix, o.classnames, plots_dir / f"confusion_{method}_{o.eval_set}.png", caption, max_classes)
         made.append((caption, path, remark))
     return made

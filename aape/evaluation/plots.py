@@ -15,26 +15,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from aape.evaluation.report import METHOD_TITLES
+from aape.evaluation.report import method_title
+from aape.methods.registry import METHODS
 
 _DPI = 110
 _SMALL, _TITLE = 8, 10  # font sizes (points): readable at the width the report shows a figure
 
 # One colour per method in every figure (matplotlib's tab10), so a method is recognised at a glance
-METHOD_COLOURS = {
-    "zeroshot": "#7f7f7f",
-    "zeroshot-ensemble": "#bcbd22",
-    "cupl": "#17becf",
-    "linear-probe": "#8c564b",
-    "aape-nodistill": "#ff7f0e",
-    "aape": "#1f77b4",
-}
 _SPARE_COLOURS = ("#2ca02c", "#d62728", "#9467bd", "#e377c2")
 
 
 def method_colour(method: str) -> str:
-    """The method's colour; a method without one gets a spare colour chosen by its name (stable across runs)."""
-    return METHOD_COLOURS.get(method) or _SPARE_COLOURS[zlib.crc32(method.encode()) % len(_SPARE_COLOURS)]
+    """The method's registry colour; a method without one gets a spare colour chosen by its name (stable across runs)."""
+    spec = METHODS.get(method)
+    return spec.colour if spec is not None and spec.colour else _SPARE_COLOURS[zlib.crc32(method.encode()) % len(_SPARE_COLOURS)]
 
 
 def stamp_notice(path: Path, notice: str) -> Path:
@@ -76,7 +70,7 @@ def accuracy_vs_shots(curve: pd.DataFrame, metric_label: str, path: Path, title:
         group = group.sort_values("shots")
         dodge = 2.0 ** (0.05 * (i - (len(methods) - 1) / 2))  # side by side, so equal figures stay visible
         ax.errorbar(group["shots"] * dodge, group["mean"], yerr=group["std"], marker="o", capsize=3, color=method_colour(method),
-                    linestyle="-" if len(group) > 1 else "none", label=METHOD_TITLES.get(method, method))
+                    linestyle="-" if len(group) > 1 else "none", label=method_title(method))
     ax.set_xscale("log", base=2)
     ax.set_xticks(shot_counts, [str(s) for s in shot_counts])
     ax.tick_params(labelsize=_SMALL)
@@ -98,7 +92,7 @@ def _single_shot_points(curve: pd.DataFrame, metric_label: str, path: Path, titl
         ax.errorbar([row.mean], [yi], xerr=[row.std], marker="o", capsize=3, linestyle="none", color=method_colour(row.method))
         ax.annotate(f"{row.mean:.1f} ± {row.std:.1f}", (row.mean, yi), textcoords="offset points", xytext=(0, 7),
                     ha="center", fontsize=_SMALL)
-    ax.set_yticks(y, [METHOD_TITLES.get(m, m) for m in rows["method"]], fontsize=_SMALL)
+    ax.set_yticks(y, [method_title(m) for m in rows["method"]], fontsize=_SMALL)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.margins(x=0.15)  # room for the end points' labels
     ax.tick_params(axis="x", labelsize=_SMALL)
@@ -125,7 +119,7 @@ def per_class_bars(per_class: pd.DataFrame, methods: Sequence[str], path: Path, 
     y = np.arange(n_classes)
     for i, method in enumerate(methods):
         values, colour = table[method].to_numpy(), method_colour(method)
-        ax.barh(y + i * height, values, height=height, color=colour, label=METHOD_TITLES.get(method, method))
+        ax.barh(y + i * height, values, height=height, color=colour, label=method_title(method))
         zero = np.flatnonzero(values == 0)  # a bar of length 0 draws nothing: mark it, or 0% looks like missing
         if len(zero):
             ax.barh(y[zero] + i * height, 0.8, height=height, color=colour)  # a stub 0.8 points wide, labelled "0"

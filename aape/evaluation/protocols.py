@@ -6,7 +6,7 @@
 - domain shift (evaluation.domain_shift): ImageNet variants whose classes are (a subset of) the
   training dataset's, mapped through `parent_labels`.
 
-Methods: zeroshot, zeroshot-ensemble, cupl, linear-probe, aape-nodistill, aape (config order).
+Methods: any of aape/methods/registry.py's, in evaluation.methods' order.
 A method that cannot score a set (a linear probe on classes it never saw, CuPL without
 descriptions of a transfer dataset's classes) yields an n/a outcome with the reason, not a number.
 """
@@ -16,27 +16,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from aape.config import Params
 from aape.data.manifests import ClassesManifest
-from aape.evaluation.classifiers import (
-    Classifier,
-    CSearch,
-    EvaluationError,
-    ModelClassifier,
-    NotApplicable,
-    cupl,
-    train_linear_probe,
-    zeroshot,
-    zeroshot_ensemble,
-)
+from aape.evaluation.classifiers import Classifier, EvaluationError, Unavailable
 from aape.evaluation.results import SetOutcome, evaluate_set
 from aape.features import FeatureBundle
 from aape.features.baseline_templates import BaselineTemplates
 from aape.layout import Layout
+from aape.methods.context import ClassText, MethodContext, backbone_loader
+from aape.methods.registry import method_spec
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +86,6 @@ def load_aape(layout: Layout, method: str, seed: int, bundle: FeatureBundle, inf
 
 
 @dataclass
-class Unavailable:
-    """A method that cannot run on this data; every set it is asked about is reported n/a."""
-
-    name: str
-    reason: str
-
-    def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-        raise NotApplicable(self.reason)
-
-
-@dataclass
 class Remapped:
     """Scores a target dataset's classes with a classifier of the training dataset's classes,
     through `parent` (target label -> training-dataset label)."""
@@ -121,29 +102,17 @@ class Remapped:
 
 
 def build_classifiers(methods: Sequence[str], bundle: FeatureBundle, info: ClassesManifest, layout: Layout,
-                      params: Params) -> dict[str, Classifier]:
-    """Every configured method for one seed, in the training dataset's global label space."""
+                      params: Params, load_backbone: Callable[[], Any] | None = None) -> dict[str, Classifier]:
+    """Every configured method for one seed, in the training dataset's global label space, each built as
+    its registry entry says (aape/methods/registry.py)."""
+    ctx = MethodContext(params, layout, info, bundle, load_backbone or backbone_loader(params))
     built: dict[str, Classifier] = {}
     for method in methods:
-        if method == "zeroshot":
-            built[method] = zeroshot(bundle.zeroshot_prompts, bundle.logit_scale)
-        elif method == "zeroshot-ensemble":
-            built[method] = zeroshot_ensemble(bundle.class_ensemble, bundle.logit_scale)
-        elif method == "cupl":
-            try:
-                built[method] = cupl(bundle.descriptions, bundle.description_class, len(info.classnames),
-                                     bundle.logit_scale, info.classnames)
-            except EvaluationError as exc:
-                log.warning("CuPL is not applicable: %s", exc)
-                built[method] = Unavailable(method, str(exc).split(". ")[0])
-        elif method == "linear-probe":
-            keep = torch.isin(bundle.train_labels, torch.as_tensor(info.train_classes))
-            built[method] = train_linear_probe(bundle.train_clean[keep], bundle.train_labels[keep], bundle.val_features,
-                                               bundle.val_labels, CSearch.from_config(params.evaluation))
-        elif method in ("aape", "aape-nodistill"):
-            built[method] = ModelClassifier(method, load_aape(layout, method, bundle.seed, bundle, info), bundle.class_prompts)
-        else:
-            raise EvaluationError(f"evaluation.methods: unknown method '{method}'")
+        try:
+            spec = method_spec(method)
+        except KeyError as exc:
+            raise EvaluationError(f"evaluation.methods: {exc.args[0]}") from None
+        built[method] = spec.builder()(ctx, method)
     return built
 
 
@@ -164,22 +133,23 @@ class TransferTarget:
     notes: list[str] = field(default_factory=list)
 
 
+def target_text(target: TransferTarget) -> ClassText:
+    return ClassText(list(target.classnames), target.class_prompts, target.class_zeroshot, target.class_ensemble, target.name)
+
+
 def transfer_classifier(method: str, source: Classifier, target: TransferTarget) -> Classifier:
     """How each method scores a transfer target: through the class mapping when the target's
-    classes are the training dataset's (domain shift), else from the target's own class names."""
+    classes are the training dataset's (domain shift), else from the target's own class names, which
+    only methods that can score classes they never saw do (the registry's `unseen` says why not)."""
     if target.parent_labels is not None:
         return Remapped(source, target.parent_labels)
-    if method == "zeroshot":
-        return zeroshot(target.class_zeroshot, source.logit_scale)  # type: ignore[attr-defined]
-    if method == "zeroshot-ensemble":
-        return zeroshot_ensemble(target.class_ensemble, source.logit_scale)  # type: ignore[attr-defined]
-    if isinstance(source, ModelClassifier):
-        return ModelClassifier(source.name, source.model, target.class_prompts)
-    if method == "cupl":
-        return Unavailable(method, f"no descriptions of {target.name}'s classes were generated (only of the training dataset's)")
-    if method == "linear-probe":
-        return Unavailable(method, f"a linear probe has no weights for {target.name}'s classes")
-    return Unavailable(method, str(getattr(source, "reason", "not applicable")))
+    if isinstance(source, Unavailable):
+        return source
+    retarget = getattr(source, "retarget", None)
+    if retarget is None:
+        reason = method_spec(method).unseen or f"{method} cannot score another dataset's classes"
+        return Unavailable(method, f"{reason} ({target.name}'s classes)")
+    return retarget(target_text(target))
 
 
 def evaluate_seed(

@@ -58,11 +58,15 @@ class SeedInputs:
 
 
 def load_seed_inputs(layout: Layout, seed: int, classes: ClassesManifest) -> SeedInputs:
-    bundle = load_bundle(layout, seed)
-    train_classes, names = list(classes.train_classes), classes.classnames
+    return seed_inputs(load_bundle(layout, seed), classes)
+
+
+def seed_inputs(bundle: FeatureBundle, classes: ClassesManifest) -> SeedInputs:
+    """The bundle's training set in the local labels of classes.json's training classes."""
+    seed, train_classes, names = bundle.seed, list(classes.train_classes), classes.classnames
     if bundle.class_prompts.shape[0] != len(names):
         raise StageInputError(
-            f"features/text.safetensors has {bundle.class_prompts.shape[0]} class prompts but {layout.classes_file} "
+            f"features/text.safetensors has {bundle.class_prompts.shape[0]} class prompts but {classes.path} "
             f"lists {len(names)} classes: the features are stale. Re-run `aape extract-features`."
         )
     if bundle.random_init:

@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "extract-features": "extract_features",
     "train-aggregator": "train_aggregator",
     "distill-generator": "distill_generator",
+    "train-baselines": "train_baselines",
     "evaluate": "evaluate",
 }
 

@@ -48,6 +48,9 @@ from aape.features.baseline_templates import baseline_templates
 from aape.atomic import atomic_write_json, atomic_write_text
 from aape.layout import Layout
 from aape.logs import progress, stage
+from aape.methods.artifact import is_trained
+from aape.methods.context import backbone_loader
+from aape.methods.registry import DISTILL_GENERATOR, TRAIN_BASELINES, method_names, method_spec
 from aape.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,12 @@ class Evaluation:
     extra_results: list[Path]  # evaluation.shots_results: other runs' results.parquet for the shots curve
     outcomes: list[SetOutcome] = field(default_factory=list)
     probes: dict[int, LinearProbe] = field(default_factory=dict)  # each seed's linear probe, when one was trained
+    backbone: Any = None  # loaded once, by the first method that runs the text encoder
+
+    def load_backbone(self):
+        if self.backbone is None:
+            self.backbone = backbone_loader(self.params)()
+        return self.backbone
 
 
 @dataclass
@@ -103,7 +112,7 @@ def _prepare(params: Params, layout: Layout) -> Evaluation:
     info = ClassesManifest.read(layout.classes_file)
     methods = list(params.evaluation.methods)
     if not methods:
-        raise EvaluationError("evaluation.methods is empty; list at least one of the six methods")
+        raise EvaluationError(f"evaluation.methods is empty; list at least one of: {', '.join(method_names())}")
     extra_results = shots_result_files(params.evaluation.shots_results)
     _check_models_exist(layout, methods, params.run.seeds)
     first = load_bundle(layout, params.run.seeds[0])
@@ -119,7 +128,7 @@ def _evaluate_seed(ev: Evaluation, seed: int, tracker: Tracker) -> None:
     """Every method of one seed on every set; outcomes and the seed's probe are added to `ev`."""
     bundle = ev.first if seed == ev.first.seed else load_bundle(ev.layout, seed)
     _check_bundle(bundle, ev.info)
-    classifiers = build_classifiers(ev.methods, bundle, ev.info, ev.layout, ev.params)
+    classifiers = build_classifiers(ev.methods, bundle, ev.info, ev.layout, ev.params, ev.load_backbone)
     if isinstance(classifiers.get("linear-probe"), LinearProbe):
         ev.probes[seed] = classifiers["linear-probe"]  # type: ignore[assignment]
     seed_outcomes = evaluate_seed(classifiers, bundle, ev.info, ev.targets, ev.params.evaluation.batch_size)
@@ -153,13 +162,21 @@ def _log_method_means(tracker: Tracker, ev: Evaluation, summary: dict[tuple[str,
 
 
 def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) -> None:
-    for method in (m for m in methods if m in ("aape", "aape-nodistill")):
+    """Every trained method's weights for every seed, before any work (the registry says which stage trains it)."""
+    for method in methods:
+        spec = method_spec(method)
         for seed in seeds:
-            directory = model_dir(layout, method, seed)
-            if not (directory / "generator.json").is_file():
+            if spec.trainer == DISTILL_GENERATOR:
+                directory, present = model_dir(layout, method, seed), (model_dir(layout, method, seed) / "generator.json").is_file()
+            elif spec.trainer == TRAIN_BASELINES:
+                directory = layout.baseline_dir(method, seed)
+                present = is_trained(directory)
+            else:
+                continue
+            if not present:
                 raise EvaluationError(
                     f"no trained model for method '{method}', seed {seed}: {directory} is missing. Run "
-                    f"`aape distill-generator` (with this run.seeds and evaluation.methods), or remove '{method}' "
+                    f"`aape {spec.trainer}` (with this run.seeds and evaluation.methods), or remove '{method}' "
                     f"from evaluation.methods."
                 )
 
@@ -248,7 +265,8 @@ def _method_tags(scope: str, dataset: str, method: str, info: ClassesManifest, r
 
 def method_params(method: str, params: Params, info: ClassesManifest) -> dict[str, str]:
     """What tells one method run from another in MLflow's compare view (the same keys for every method)."""
-    aape = method in ("aape", "aape-nodistill")
+    spec = method_spec(method)
+    aape = spec.trainer == DISTILL_GENERATOR
     generator = params.generator
     return {
         "method": method,
@@ -257,10 +275,22 @@ def method_params(method: str, params: Params, info: ClassesManifest) -> dict[st
         "shots": str(info.shots),
         "backbone": params.backbone.model,
         "weights": params.backbone.pretrained,
+        "trained_by": spec.trainer,
         "lambda_distill": (str(0.0 if method == "aape-nodistill" else generator.lambda_distill)) if aape else "n/a",
         "aggregator": params.aggregator.variant if method == "aape" else "n/a",
         "head": f"{generator.head}/{generator.head_init}" if aape else "n/a",
+        "hyperparameters": _hyperparameters(spec, params),
     }
+
+
+def _hyperparameters(spec, params: Params) -> str:
+    """A trained baseline's settings and schedule in one line (params.yaml `baselines.<method>`)."""
+    if spec.trainer != TRAIN_BASELINES:
+        return "n/a"
+    settings = getattr(params.baselines, spec.key).model_dump(mode="json")
+    schedule = settings.pop("schedule")
+    settings.update({k: schedule[k] for k in ("optimizer", "lr", "epochs", "batch_size")})
+    return ", ".join(f"{k}={v}" for k, v in settings.items())[:500]  # MLflow's limit on a param value
 
 
 def _baseline_tags(bundle: FeatureBundle, probe: LinearProbe | None) -> dict[str, dict[str, str]]:
