@@ -344,3 +344,14 @@ def test_transfer_protocols_score_the_learners_from_the_target_class_names(tmp_p
     text = PromptEncoder(tiny_backbone, target.classnames, 4).encode(context)
     expected = 100.0 * float(((target.features @ text.T).argmax(1) == target.labels).float().mean())
     assert cross["coop"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_validation_budget_keeps_every_class_represented():
+    from aape.method.objectives import TrainingSet
+    from aape.methods.training import FeatureClassification
+
+    labels = torch.arange(50).repeat_interleave(4)  # the split's order: class by class
+    data = TrainingSet(torch.zeros(1, 1, 8), torch.zeros(1, dtype=torch.long), torch.zeros(200, 8), labels)
+    rows = FeatureClassification(data, torch.device("cpu"), val_images=50).val_rows
+    assert len(rows) == 50 and set(labels[rows].tolist()) == set(range(50))
+    assert len(FeatureClassification(data, torch.device("cpu")).val_rows) == 200

@@ -31,6 +31,7 @@ from aape.tracking import Tracker
 log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.8  # of the free memory the text-encoder activations may take
+VALIDATION_PROMPTS = 50_000  # per-epoch validation: at most this many (image, class) prompts
 
 
 class MetaNet(nn.Module):
@@ -118,7 +119,10 @@ def train(ctx: MethodContext, method: str, directory: Path, tracker: Tracker) ->
     with seeded(ctx.seed):
         model = make_model(ctx, method)
     meta = {"prompt_tokens": model.encoder.length}
-    return train_classifier(ctx, method, model, directory, tracker, meta, device=ctx.backbone().device)
+    # every validation image costs a text-encoder pass per class: at 500 classes the per-epoch figure
+    # uses 100 validation images spread over the classes (the kept weights are the last epoch's unless select: best-val)
+    val_images = max(1, VALIDATION_PROMPTS // len(model.encoder.classnames))
+    return train_classifier(ctx, method, model, directory, tracker, meta, device=ctx.backbone().device, val_images=val_images)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -94,7 +94,3 @@ def backbone_loader(params: Params) -> Callable[[], Any]:
         return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
 
     return load
-
-
-def local_rows(classes: Sequence[int]) -> torch.Tensor:
-    return torch.as_tensor(list(classes), dtype=torch.long)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,8 +63,8 @@ class LearntPromptClassifier(TextClassifier):
     """A label space's classes encoded once with the learnt context; scores other label spaces by
     encoding their class names with the same context."""
 
-    context: torch.Tensor = None  # type: ignore[assignment]
-    encoder_for: Any = None  # (classnames) -> PromptEncoder
+    context: torch.Tensor  # [n_ctx, width] the learnt context
+    encoder_for: Callable[[Sequence[str]], PromptEncoder]  # a label space's class names -> its prompt encoder
 
     def retarget(self, text: ClassText) -> "LearntPromptClassifier":
         weights = encode_label_space(self.encoder_for(text.names), self.context)
@@ -80,25 +80,17 @@ def encode_label_space(encoder: PromptEncoder, context: torch.Tensor, batch: int
     return torch.cat(chunks).cpu()
 
 
-def _n_ctx(settings) -> int:
-    return settings.n_ctx
-
-
-def _class_specific(settings) -> bool:
-    return bool(getattr(settings, "class_specific", False))
-
-
 def initial_context(encoder: PromptEncoder, settings, classes: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     context = encoder.init_context(settings.ctx_init, generator)
-    return context.unsqueeze(0).repeat(classes, 1, 1) if _class_specific(settings) else context
+    return context.unsqueeze(0).repeat(classes, 1, 1) if getattr(settings, "class_specific", False) else context
 
 
 def make_model(ctx: MethodContext, method: str) -> ContextPrompts:
     """The untrained learner of `method` (coop or kgcoop) over the training classes."""
     settings = ctx.settings(method)
     inputs = ctx.inputs
-    encoder = PromptEncoder(ctx.backbone(), inputs.classnames, _n_ctx(settings))
+    encoder = PromptEncoder(ctx.backbone(), inputs.classnames, settings.n_ctx)
     context = initial_context(encoder, settings, len(inputs.classnames), ctx.seed)
     kg_weight = float(getattr(settings, "kg_weight", 0.0))
     anchor = F.normalize(ctx.text.hand_written()[inputs.train_classes], dim=-1) if kg_weight else None
@@ -108,7 +100,7 @@ def make_model(ctx: MethodContext, method: str) -> ContextPrompts:
 def train(ctx: MethodContext, method: str, directory: Path, tracker: Tracker) -> dict[str, Any]:
     with seeded(ctx.seed):
         model = make_model(ctx, method)
-    meta = {"n_ctx": _n_ctx(ctx.settings(method)), "prompt_tokens": model.encoder.length}
+    meta = {"n_ctx": ctx.settings(method).n_ctx, "prompt_tokens": model.encoder.length}
     return train_classifier(ctx, method, model, directory, tracker, meta, device=ctx.backbone().device)
 
 

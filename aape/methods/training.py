@@ -30,8 +30,13 @@ class FeatureClassification:
     The model maps features [B, d] to logits [B, C_train]; an optional `regulariser()` (KgCoOp's
     term) is added to the loss."""
 
-    def __init__(self, data: TrainingSet, device: torch.device, val_batch: int = 256) -> None:
+    def __init__(self, data: TrainingSet, device: torch.device, val_batch: int = 256, val_images: int | None = None) -> None:
         self.data, self.device, self.val_batch = data, device, val_batch
+        n = len(data.val_labels)
+        # at most `val_images` validation images, evenly spaced so every class keeps its share (the split is
+        # ordered by class); CoCoOp needs it: a text-encoder pass per image and class
+        step = max(1, n // val_images) if val_images else 1
+        self.val_rows = torch.arange(0, n, step)[: val_images or n]
 
     def loss(self, model: nn.Module, items: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.data.views[items, views].to(self.device)
@@ -47,7 +52,7 @@ class FeatureClassification:
         return ce + extra, figures
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        x, y = self.data.val_features, self.data.val_labels
+        x, y = self.data.val_features[self.val_rows], self.data.val_labels[self.val_rows]
         if not len(y):
             return {}
         logits = torch.cat([model(x[i : i + self.val_batch].to(self.device)).cpu() for i in range(0, len(x), self.val_batch)])
@@ -61,13 +66,14 @@ class FeatureClassification:
 
 
 def train_classifier(ctx: MethodContext, method: str, model: nn.Module, directory: Path, tracker: Tracker,
-                     meta: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any]:
+                     meta: dict[str, Any] | None = None, device: torch.device | None = None,
+                     val_images: int | None = None) -> dict[str, Any]:
     """Fit `model` with the method's schedule, save its learnt tensors and history; the stage summary."""
     settings = ctx.settings(method)
     inputs = ctx.inputs
     epochs = ctx.info.epochs(settings.schedule)
     device = device or torch.device("cpu")
-    objective = FeatureClassification(inputs.data, device)
+    objective = FeatureClassification(inputs.data, device, val_images=val_images)
     resume = directory / "resume.pt"
     with seeded(ctx.seed):
         result = fit(
@@ -80,7 +86,8 @@ def train_classifier(ctx: MethodContext, method: str, model: nn.Module, director
         **inputs.backbone_facts(), "seed": ctx.seed, "settings": settings.model_dump(mode="json"), "epochs": epochs,
         "kept_epoch": result.best_epoch, "select": settings.schedule.select, "train_classnames": inputs.classnames,
         "val_accuracy": result.best_figures.get("val_accuracy"), "initial": result.initial,
-        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **(meta or {}),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "val_images": min(val_images or len(inputs.data.val_labels), len(inputs.data.val_labels)), **(meta or {}),
     }
     paths = write_baseline(directory, method, dict(model.state_dict()), info)
     history = directory / "history.json"
