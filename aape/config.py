@@ -30,7 +30,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+TASKS = ("classification", "retrieval")  # docs/method.md: what the stages do for each
+
+
 class RunConfig(_Section):
+    task: Literal[TASKS] = Field(  # type: ignore[valid-type]
+        "classification",
+        description="'classification' (base-to-new, few-shot, transfer) or 'retrieval' (image-text, each image's captions as its prompts)",
+    )
     name: str = "demo"
     output_dir: str = "artifacts"
     cache_dir: str = ".cache/aape"
@@ -50,6 +57,7 @@ class DataConfig(_Section):
     skip_unreadable: bool = False
     test_per_class: int | None = Field(None, ge=1, description="cap test images per class (demo speed); None = all")
     image_size: int | None = Field(None, ge=16, description="default: the backbone's input size")
+    max_images: int | None = Field(None, ge=1, description="retrieval: cap each split at its first N images (demo speed); None = all")
 
     @property
     def effective_val_shots(self) -> int:
@@ -276,6 +284,10 @@ class GeneratorConfig(_Section):
         description="'zeroshot': w_i(x) = w_i + g([w_i; h(x)]), g's output starts at 0 (untrained = zero-shot CLIP); 'random': the paper's literal g([w_i; h(x)])",
     )
     lambda_distill: float = Field(5.0, ge=0)
+    query: Literal["residual", "prompt"] = Field(
+        "residual",
+        description="retrieval query: 'residual' normalize(x + h(x)), h's output starting at 0 (untrained = zero-shot CLIP); 'prompt' h(x) alone (the paper's literal AAPE query)",
+    )
     schedule: GeneratorSchedule = Field(default_factory=GeneratorSchedule)
 
 
@@ -381,6 +393,24 @@ class Params(_Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)  # type: ignore[valid-type]
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "Params":
+        if self.run.task == "retrieval":
+            from aape.retrieval import DATASETS as RETRIEVAL_DATASETS, METHODS as RETRIEVAL_METHODS
+
+            if self.data.dataset not in RETRIEVAL_DATASETS:
+                raise ValueError(f"data.dataset {self.data.dataset!r} is not a retrieval dataset; with run.task: retrieval "
+                                 f"choose one of {', '.join(RETRIEVAL_DATASETS)}")
+            unknown = [d for d in self.evaluation.cross_datasets if d not in RETRIEVAL_DATASETS]
+            if unknown or self.evaluation.domain_shift:
+                raise ValueError(f"with run.task: retrieval, evaluation.cross_datasets holds retrieval datasets ({', '.join(RETRIEVAL_DATASETS)}; "
+                                 f"got {unknown}) and evaluation.domain_shift is empty")
+            other = [m for m in self.evaluation.methods if m not in RETRIEVAL_METHODS]
+            if other:
+                raise ValueError(f"evaluation.methods {other} do not apply to retrieval; with run.task: retrieval use any of "
+                                 f"{', '.join(RETRIEVAL_METHODS)}")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for experiment trackers."""

@@ -25,6 +25,8 @@ def dataset_problems(params: Params) -> list[str]:
     """data.dataset is a known dataset found under data.root, or a custom one whose data.path exists."""
     from aape.data.registry import canonical_name
 
+    if params.run.task == "retrieval":
+        return _retrieval_dataset_problems(params)
     try:
         key = canonical_name(params.data.dataset)
     except AAPEError as exc:
@@ -36,6 +38,18 @@ def dataset_problems(params: Params) -> list[str]:
         return [f"data.dataset is '{key}' but data.path is not set: give the {_custom_what(key)}"]
     exists = Path(path).is_dir() if key == "folder" else Path(path).is_file()
     return [] if exists else [f"data.path: {path} is not an existing {_custom_what(key)} (data.dataset: {key})"]
+
+
+def _retrieval_dataset_problems(params: Params) -> list[str]:
+    """easy-vqa needs its package; COCO and Flickr30k need Karpathy's split file under data.root."""
+    name = params.data.dataset
+    if name == "easy-vqa":
+        import importlib.util
+
+        return [] if importlib.util.find_spec("easy_vqa") else ["data.dataset is 'easy-vqa' but the easy-vqa package is not installed: pip install easy-vqa"]
+    split_file = Path(params.data.root) / name / f"dataset_{name}.json"
+    return [] if split_file.is_file() else [f"data.dataset: Karpathy's split file {split_file} not found (data.root={params.data.root!r}); "
+                                            f"see the README, section 'Retrieval'"]
 
 
 def _folder_problems(params: Params, name: str, setting: str) -> list[str]:
@@ -54,6 +68,8 @@ def _custom_what(key: str) -> str:
 
 def prompt_problems(params: Params) -> list[str]:
     """The configured description source can start: its file, its local model, its endpoint."""
+    if params.run.task == "retrieval":  # the captions are the prompts: no LLM is asked
+        return []
     cfg = params.prompts
     if cfg.source == "cupl-json":
         return _cupl_file_problems(cfg.file or "")
@@ -109,7 +125,7 @@ def evaluation_problems(params: Params) -> list[str]:
     from aape.data.registry import canonical_name
 
     problems = []
-    for key in ("cross_datasets", "domain_shift"):
+    for key in ("cross_datasets", "domain_shift") if params.run.task != "retrieval" else ():
         for name in getattr(params.evaluation, key):
             try:
                 canonical_name(name)

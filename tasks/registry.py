@@ -70,6 +70,10 @@ def setting_alias(setting: dict[str, str]) -> str:
 
 
 def register_model(params: Params, tracker: Any) -> dict[str, Any]:
+    if params.run.task != "classification":
+        # the registered pyfunc model classifies images by class names; a retrieval query has no such interface yet
+        log.warning("run.task %s: no model is registered (the registry holds classification models only)", params.run.task)
+        return {"registered_model": None, "reason": f"run.task {params.run.task}: only classification models are registered"}
     import mlflow
 
     from aape.integrations.mlflow_tracking import resolve_tracking_uri

@@ -104,7 +104,8 @@ class RetrievalObjective:
         return contrastive + self.lam * distill, figures
 
     def validate(self, model: RetrievalQuery) -> dict[str, float]:
-        return {f"val_{k}": v for k, v in retrieval_recall(model, self.val).items()}
+        # '@' is not allowed in an MLflow metric name: i2t_R@1 is logged as val_i2t_R_at_1
+        return {f"val_{k.replace('@', '_at_')}": v for k, v in retrieval_recall(model, self.val).items()}
 
     def selection_key(self, figures: dict[str, float]) -> tuple[float, ...]:
         return (figures.get("val_rsum", 0.0),)

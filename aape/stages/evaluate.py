@@ -92,6 +92,12 @@ class Tables:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
+    if params.run.task == "retrieval":
+        from aape.retrieval import pipeline as retrieval
+
+        with stage(NAME) as summary:
+            retrieval.evaluate(params, summary, tracker)
+        return summary
     with stage(NAME) as summary:
         ev = _prepare(params, layout)
         for seed in progress(params.run.seeds, desc="evaluate seeds", unit="seed"):

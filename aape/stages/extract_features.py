@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 def run(params: Params, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
+    if params.run.task == "retrieval":
+        from aape.retrieval import pipeline as retrieval
+
+        with stage("extract-features") as summary:
+            retrieval.extract_features(params, summary)
+        return summary
     with stage("extract-features") as summary:
         backbone = build_backbone(params)
         if backbone.random_init:

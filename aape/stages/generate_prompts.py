@@ -27,6 +27,12 @@ STAGE = "generate-prompts"
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
+    if params.run.task == "retrieval":  # each image's own captions are its prompts: no LLM
+        from aape.retrieval import pipeline as retrieval
+
+        with stage(STAGE) as summary:
+            retrieval.write_caption_prompts(params, summary)
+        return summary
     with stage(STAGE) as summary:
         classes = ClassNames.read(layout.classes_file)  # every class gets descriptions: the names are all it needs
         log.info("dataset '%s': %d classes from %s; source %s", classes.dataset, len(classes.classnames), layout.classes_file, params.prompts.source)

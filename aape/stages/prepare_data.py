@@ -141,6 +141,12 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
     cfg = params.data
+    if params.run.task == "retrieval":
+        from aape.retrieval import pipeline as retrieval
+
+        with stage("prepare-data") as summary:
+            retrieval.prepare_data(params, summary)
+        return summary
     with stage("prepare-data") as summary:
         splits = build_dataset(cfg)
         if splits.eval_only:

@@ -67,6 +67,12 @@ class Trained:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
+    if params.run.task == "retrieval":
+        from aape.retrieval import pipeline as retrieval
+
+        with stage(NAME) as summary:
+            retrieval.train_aggregators(params, summary, tracker)
+        return summary
     with stage(NAME) as summary:
         classes = ClassesManifest.read(layout.classes_file)
         per_seed = {}

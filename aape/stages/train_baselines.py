@@ -36,7 +36,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     layout = Layout.from_params(params)
     with stage(NAME) as summary:
         methods = methods_to_train(params)
-        classes = ClassesManifest.read(layout.classes_file)
+        classes = ClassesManifest.read(layout.classes_file) if methods else None
         layout.baselines.mkdir(parents=True, exist_ok=True)
         per_method: dict[str, dict[int, Any]] = {m: {} for m in methods}
         load = _shared_loader(params)
@@ -48,7 +48,8 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
                 per_method[method][seed] = _train_one(ctx, method, tracker)
                 summary["outputs"].extend(per_method[method][seed].pop("outputs", []))
         trained = layout.baselines / "trained.json"
-        atomic_write_json(trained, {"methods": methods, "seeds": list(params.run.seeds), "dataset": classes.dataset})
+        dataset = classes.dataset if classes else params.data.dataset
+        atomic_write_json(trained, {"methods": methods, "seeds": list(params.run.seeds), "dataset": dataset, "task": params.run.task})
         summary["outputs"].append(str(trained))
         summary["per_method"] = per_method
         for method, seeds in per_method.items():
