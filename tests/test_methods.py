@@ -355,3 +355,35 @@ def test_a_validation_budget_keeps_every_class_represented():
     rows = FeatureClassification(data, torch.device("cpu"), val_images=50).val_rows
     assert len(rows) == 50 and set(labels[rows].tolist()) == set(range(50))
     assert len(FeatureClassification(data, torch.device("cpu")).val_rows) == 200
+
+
+def test_the_few_shot_protocol_trains_and_scores_every_learner_on_all_classes(tmp_path):
+    import json
+
+    from aape.stages import evaluate, train_baselines
+
+    params = _params(tmp_path, "run.seeds=[1]", f"evaluation.methods=[zeroshot, {', '.join(TRAINED)}]", *SHORT)
+    layout = write_run(params, protocol="fewshot", nodistill=False)
+    train_baselines.run(params)
+    evaluate.run(params)
+    metrics = json.loads(layout.metrics.read_text())
+    assert all(f"fewshot/{m}/accuracy_mean" in metrics for m in TRAINED)  # Tip-Adapter too: its cache holds every class
+    meta = json.loads((layout.baseline_dir("tip-adapter-f", 1) / "model.json").read_text())
+    assert meta["train_classnames"] == CLASSNAMES
+
+
+def test_the_report_puts_published_numbers_beside_each_baseline_when_the_backbone_matches():
+    from aape.evaluation.metrics import MeanStd
+    from aape.evaluation.report import ReportContext, render_report
+
+    methods = ["zeroshot", "coop", "cocoop", "kgcoop", "clip-adapter", "tip-adapter-f", "aape"]
+    summary = {("base2new", "eurosat", m): {"base_accuracy": MeanStd(80.0, 1.0, 3), "new_accuracy": MeanStd(70.0, 1.0, 3),
+                                            "H": MeanStd(74.7, 1.0, 3)} for m in methods}
+    text = render_report(ReportContext(dataset="eurosat", protocol="base2new", shots=16, seeds=[1, 2, 3], backbone_model="ViT-B-16",
+                                       pretrained="openai", identity="ViT-B-16@tag:openai", random_init=False, methods=methods,
+                                       summary=summary))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["CoOp (learnt context)"].endswith("| 82.69 | 63.22 | 71.66 |")
+    assert rows["CoCoOp (image-conditioned context)"].endswith("| 80.47 | 71.69 | 75.83 |")
+    assert rows["KgCoOp (knowledge-guided CoOp)"].endswith("| 80.73 | 73.60 | 77.00 |")
+    assert rows["CLIP-Adapter (residual image adapter)"].endswith("|  |  |  |")  # nothing published for this protocol
