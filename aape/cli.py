@@ -3,6 +3,7 @@
     aape prepare-data | generate-prompts | extract-features | train-aggregator | distill-generator |
          train-baselines | evaluate
     aape methods        the methods evaluation.methods accepts: what each needs, trains and reports
+    aape experiment     list | run FILE: experiment grids (experiments/*.yaml) on a Dask cluster
     aape run            all stages in order, in this process
     aape predict        classify images with a trained model and any class names
     aape config show    the validated configuration, defaults filled in
@@ -166,7 +167,7 @@ def repro(params_file: str, overrides: tuple[str, ...], track: bool | None, dvc_
         if tracker is not None:
             env["AAPE_MLFLOW_PARENT_RUN_ID"] = tracker.run_id
             tracker.set_tags({"orchestrator": "dvc"})
-        code = _run_dvc(command, env)
+        code = _run_command(command, env)
         if code and tracker is not None:
             raise SystemExit(code)  # inside the run: it is marked FAILED
     if code:
@@ -189,12 +190,12 @@ def plots(action: str, dvc_args: tuple[str, ...]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         template = write_offline_template(Path(tmp) / "offline.html")
-        code = _run_dvc([sys.executable, "-m", "dvc", "plots", action, "--html-template", str(template), *dvc_args], dict(os.environ))
+        code = _run_command([sys.executable, "-m", "dvc", "plots", action, "--html-template", str(template), *dvc_args], dict(os.environ))
     if code:
         raise SystemExit(code)
 
 
-def _run_dvc(command: list[str], env: dict[str, str]) -> int:
+def _run_command(command: list[str], env: dict[str, str]) -> int:
     import subprocess
 
     return subprocess.run(command, env=env).returncode
@@ -217,6 +218,48 @@ def predict(images, model_dir, classes, top_k, output_csv, params_file, override
     names = read_class_names(classes)
     predictions = predict_paths([Path(p) for p in images], Path(model_dir), names, params, top_k=top_k)
     write_or_print(predictions, output_csv)
+
+
+@main.group("experiment")
+def experiment_group() -> None:
+    """Experiment grids (experiments/*.yaml) fanned out on a Dask cluster."""
+
+
+@experiment_group.command("list")
+@click.option("--folder", default="experiments", show_default=True, type=click.Path(file_okay=False))
+def experiment_list(folder: str) -> None:
+    """The experiment files and what each reproduces."""
+    from aape.experiments import load_experiment
+
+    for path in sorted(Path(folder).glob("*.yaml")):
+        with report_errors():
+            spec = load_experiment(path)
+        cells = len(spec.seeds)
+        for values in spec.grid.values():
+            cells *= len(values)
+        click.echo(f"{str(path):<40} {spec.paper or '-':<12} {cells:>4} cells  {spec.description}")
+
+
+@experiment_group.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--set", "-s", "overrides", multiple=True, help="key.path=value for every cell")
+@click.option("--workers", default=2, show_default=True, help="workers of the local Dask cluster (one cell each)")
+@click.option("--address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
+@click.option("--gpus-per-cell", default=0, show_default=True)
+def experiment_run(file: str, params_file: str, overrides: tuple[str, ...], workers: int, address: str | None, gpus_per_cell: int) -> None:
+    """Run FILE's grid through the `aape-experiment` Prefect flow on Dask (flows/experiment.py)."""
+    from aape.experiments import cells, load_experiment
+
+    with report_errors():  # a bad file or value stops here, before a cluster starts
+        spec = load_experiment(file)
+        cells(spec, params_file, "experiments", list(overrides))
+    command = [sys.executable, "-m", "flows.experiment", file, "--params", params_file, "--workers", str(workers),
+               "--gpus-per-cell", str(gpus_per_cell), *(["--address", address] if address else []),
+               *(arg for o in overrides for arg in ("--set", o))]
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts Prefect's ephemeral API slowly
+    raise SystemExit(_run_command(command, env))
 
 
 @main.command("methods")

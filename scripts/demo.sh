@@ -34,7 +34,7 @@ for _ in $(seq 120); do
 done
 curl -fs "$PREFECT_API_URL/health" > /dev/null || { echo "Prefect server did not become healthy; see $PREFECT_HOME/server.log" >&2; exit 1; }
 
-echo "==> serving the deployments 'aape-pipeline/local' and 'aape-sweep/local' (log .prefect/serve.log)"
+echo "==> serving the deployments 'aape-pipeline/local', 'aape-sweep/local' and 'aape-experiment/local' (log .prefect/serve.log)"
 python -m flows.serve > "$PREFECT_HOME/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do

@@ -151,3 +151,36 @@ def test_two_runs_of_one_prompt_plan_request_each_answer_once(tmp_path: Path, mo
     assert [r["text"] for r in results[0].rows] == [r["text"] for r in results[1].rows] and len(results[0].rows) == 4
     assert sorted(r.summary["requests"]["from_journal"] for r in results) == [0, 4]
     assert sum("waiting for another run computing the LLM answers of plan" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_complete_entry_is_read_while_another_run_holds_its_lock(tmp_path, tiny_backbone):
+    """Runs that only read shared features (experiment cells) do not queue behind each other."""
+    from aape.features.image_encoder import CLEAN, view_entry
+
+    text_features(tiny_backbone, TEXTS, tmp_path)  # the entries exist and are complete
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    image_features(tiny_backbone, folder, ["0.png", "1.png", "2.png"], tmp_path)
+    held, release = threading.Event(), threading.Event()
+    entries = [text_entry(tiny_backbone, TEXTS, tmp_path), view_entry(tiny_backbone, ["0.png", "1.png", "2.png"], tmp_path, CLEAN)]
+
+    def hold():
+        from aape.locks import exclusive_locks
+
+        with exclusive_locks((e.lock_path, e.dir.name) for e in entries):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        started = time.perf_counter()
+        text_features(tiny_backbone, TEXTS, tmp_path)
+        image_features(tiny_backbone, folder, ["0.png", "1.png", "2.png"], tmp_path)
+        assert time.perf_counter() - started < 2.0  # did not wait for the holder's lock
+    finally:
+        release.set()
+        holder.join()

@@ -21,7 +21,7 @@ def test_help_lists_every_stage_and_tool_command():
     assert result.exit_code == 0
     # the first word of each line under "Commands:", in order: not a substring anywhere in the text
     listed = result.output.split("Commands:\n", 1)[1].splitlines()
-    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "plots", "predict", "methods", "config"]
+    assert [line.split()[0] for line in listed if line.strip()] == [*STAGES, "run", "repro", "plots", "predict", "experiment", "methods", "config"]
     assert "  run                Run the stages in order in this process" in result.output
 
 

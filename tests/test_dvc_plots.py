@@ -60,7 +60,7 @@ def test_aape_plots_hands_dvc_the_offline_template(monkeypatch):
         seen["command"], seen["template"] = command, open(template).read()
         return 0
 
-    monkeypatch.setattr("aape.cli._run_dvc", fake_dvc)
+    monkeypatch.setattr("aape.cli._run_command", fake_dvc)
     result = CliRunner().invoke(main, ["plots", "diff", "HEAD~1", "-o", "out"])
     assert result.exit_code == 0, result.output
     assert seen["command"][2:5] == ["dvc", "plots", "diff"] and seen["command"][-3:] == ["HEAD~1", "-o", "out"]

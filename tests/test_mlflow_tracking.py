@@ -205,7 +205,7 @@ def test_aape_repro_opens_one_parent_that_every_dvc_stage_joins(tracked_params, 
         monkeypatch.delenv("AAPE_MLFLOW_PARENT_RUN_ID")
         return dvc_status
 
-    monkeypatch.setattr("aape.cli._run_dvc", fake_dvc)
+    monkeypatch.setattr("aape.cli._run_command", fake_dvc)
     sets = [f"-s tracking.uri={tracked_params.tracking.uri}", f"-s tracking.artifact_location={tracked_params.tracking.artifact_location}"]
     args = ["repro", *" ".join(sets).split(), "--track", "--force", "evaluate"]
     result = CliRunner().invoke(main, args)

@@ -109,17 +109,21 @@ class CacheEntry:
             return "data file checksum mismatch"
         return None
 
-    def load(self) -> CachedResult | None:
-        """The cached tensors, or None (logging why) when the entry is absent, partial or corrupt."""
+    def load(self, quiet: bool = False) -> CachedResult | None:
+        """The cached tensors, or None (logging why, unless `quiet`) when the entry is absent, partial or corrupt.
+
+        Safe without the lock: every file is renamed into place whole and the marker (with the data's
+        checksum) is written last, so a read racing a rewrite sees a complete entry or none."""
         problem = self._check()
         if problem is not None:
-            if problem != "absent":
+            if problem != "absent" and not quiet:
                 log.warning("cache entry %s is %s; recomputing it", self.dir, problem)
             return None
         try:
             return CachedResult(load_file(str(self.data_path)), read_metadata(self.data_path))
         except (SafetensorError, OSError) as exc:
-            log.warning("cache entry %s cannot be read (%s); recomputing it", self.dir, exc)
+            if not quiet:
+                log.warning("cache entry %s cannot be read (%s); recomputing it", self.dir, exc)
             return None
 
     def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -141,7 +145,12 @@ Compute = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 
 def load_or_compute(entry: CacheEntry, compute: Compute, usable: Callable[[CachedResult], bool] = lambda result: True) -> tuple[CachedResult, bool]:
     """(the entry's result, whether it was computed now): loaded when complete and `usable`, else
-    computed by `compute() -> (tensors, metadata)` and saved, all under the entry's lock."""
+    computed by `compute() -> (tensors, metadata)` and saved, all under the entry's lock. A complete
+    entry is read without the lock first, so concurrent runs that only read (experiment cells sharing
+    one dataset's features) do not wait for each other."""
+    cached = entry.load(quiet=True)
+    if cached is not None and usable(cached):
+        return cached, False
     with entry.locked():
         cached = entry.load()
         if cached is not None and usable(cached):

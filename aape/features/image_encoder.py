@@ -17,6 +17,8 @@ where the previous run stopped.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import itertools
 import logging
@@ -293,11 +295,11 @@ class _ViewState:
     pending: torch.Tensor | None = None  # [N] bool: needed and not processed yet (during encoding)
 
 
-def _initial_state(entry: CacheEntry, stats: torch.Tensor, embed_dim: int) -> _ViewState:
+def _initial_state(entry: CacheEntry, stats: torch.Tensor, embed_dim: int, quiet: bool = False) -> _ViewState:
     n = stats.shape[0]
     features = torch.zeros(n, embed_dim)
     valid = torch.zeros(n, dtype=torch.bool)
-    cached = entry.load()
+    cached = entry.load(quiet)
     if cached is None or cached.tensors.get("stats", torch.empty(0)).shape != stats.shape:
         return _ViewState(entry, features, valid, torch.ones(n, dtype=torch.bool), {}, dirty=True)
     fresh = (cached.tensors["stats"] == stats).all(dim=1)
@@ -331,9 +333,13 @@ def encode_views(
     rel_paths = [str(p) for p in rel_paths]
     stats = file_stats(root, rel_paths)
     entries = [view_entry(backbone, rel_paths, cache_dir, s) for s in specs]
-    # a concurrent run wanting these views waits here, then finds them cached instead of encoding them too
-    with exclusive_locks((entry.lock_path, entry.dir.name) for entry in entries):
-        states = [_initial_state(entry, stats, backbone.embed_dim) for entry in entries]
+    # every view cached: read without the locks, so runs that share features (experiment cells) never wait
+    states = [_initial_state(entry, stats, backbone.embed_dim, quiet=True) for entry in entries]
+    cached = not any(st.dirty for st in states)
+    # else a concurrent run wanting these views waits here, then finds them cached instead of encoding them too
+    with contextlib.nullcontext() if cached else exclusive_locks((entry.lock_path, entry.dir.name) for entry in entries):
+        if not cached:
+            states = [_initial_state(entry, stats, backbone.embed_dim) for entry in entries]
         jobs = _jobs(states, len(rel_paths))
         reused = sum(int((~st.needed).sum()) for st in states)
         encoded, seconds = 0, 0.0

@@ -1,0 +1,100 @@
+"""Experiment grids on Dask: the same grid of small cells on a local cluster of 1 and of 2 workers.
+
+    .venv/bin/python benchmarks/bench_experiments.py [--cells 8] [--epochs 1000]
+
+Each cell is one pipeline run of the offline demo (MNIST digits, the tiny random-init backbone,
+one torch thread) with its own λ, as `aape experiment run` runs it (flows/experiment.py, prefect-dask's
+DaskTaskRunner). The shared work (data, descriptions, features) is computed once before timing, so
+both runs find it cached. Printed: wall time, cells per minute, the share of wall time spent outside
+the cells (cluster start, scheduling, Prefect bookkeeping, the shared-work check), and the speed-up.
+
+Target (issue 16): at least 1.8x more cells per minute with 2 workers than with 1, on cells that
+each use one core. RANDOM-INIT backbone: the cells' accuracies mean nothing; only time is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET = 1.8
+
+
+def _start_prefect() -> None:
+    from prefect import flow
+
+    @flow(name="bench-warm-up")
+    def warm_up() -> None:
+        return None
+
+    warm_up()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1000, help="generator epochs per cell (how long a cell computes)")
+    args = parser.parse_args()
+
+    from aape import experiments as ex
+    from aape.data.demo import DEMO_CLASSNAMES
+    from flows.experiment import CELL_OVERRIDES, FIRST_STAGES, _run_stages, _shared_prefect_api, run_experiment
+
+    work = Path(tempfile.mkdtemp(prefix="aape-bench-exp-"))
+    cupl = work / "cupl.json"
+    cupl.write_text(json.dumps({c: [f"a handwritten {c}.", f"the digit {c} in white."] for c in DEMO_CLASSNAMES}))
+    lambdas = [round(0.5 * i, 1) for i in range(args.cells)]
+    spec_file = work / "bench.yaml"
+    spec_file.write_text(json.dumps({"name": "bench", "grid": {"generator.lambda_distill": lambdas}, "seeds": [1],
+                                     "methods": ["zeroshot", "aape"],
+                                     "overrides": [f"generator.schedule.epochs={args.epochs}", "aggregator.schedule.epochs=5"]}))
+    overrides = [f"run.cache_dir={work / 'cache'}", f"run.output_dir={work / 'artifacts'}", "backbone.model=aape-tiny",
+                 "data.test_per_class=20", "features.augmented_views=2", "aggregator.heads=2", "prompts.source=cupl-json",
+                 f"prompts.file={cupl}", "tracking.enabled=false"]
+    params_file = str(ROOT / "params.yaml")
+    spec = ex.load_experiment(spec_file)
+    warm = ex.cells(spec, params_file, work / "warm", [*CELL_OVERRIDES, *overrides])[0]
+    _run_stages(ex.cell_params(warm, params_file), FIRST_STAGES)  # the shared work, once, before timing
+    with _shared_prefect_api():  # one Prefect API for the whole benchmark, started before timing
+        return _timed(args, spec_file, params_file, overrides, run_experiment, work)
+
+
+def _timed(args, spec_file, params_file, overrides, run_experiment, work) -> int:
+    _start_prefect()
+    from aape.backbone import RANDOM_INIT_NOTICE
+
+    print(f"{RANDOM_INIT_NOTICE}; {args.cells} cells of the offline demo, {args.epochs} generator epochs each, 1 torch thread per cell")
+    print(f"machine: {os.cpu_count()} cores")
+    rates = {}
+    print("| workers | wall (s) | cells | cells/min | compute in cells (s) | share of wall outside cells |")
+    print("|---|---|---|---|---|---|")
+    for workers in (1, 2):
+        started = time.perf_counter()
+        summary = run_experiment(str(spec_file), params_file, overrides, workers=workers, root=str(work / f"w{workers}"))
+        wall = time.perf_counter() - started
+        if summary["finished"] != args.cells or summary["reused"]:
+            print(f"FAIL: {workers} worker(s) finished {summary['finished']} of {args.cells} cells ({summary['reused']} reused)")
+            return 1
+        rates[workers] = args.cells / wall * 60
+        outside = 1 - summary["cell_s"] / (wall * workers)
+        print(f"| {workers} | {wall:.1f} | {args.cells} | {rates[workers]:.2f} | {summary['cell_s']:.1f} | {outside:.0%} |", flush=True)
+    speedup = rates[2] / rates[1]
+    verdict = "PASS" if speedup >= TARGET else "FAIL"
+    print(f"speed-up 1 -> 2 workers: {speedup:.2f}x (target >= {TARGET}x): {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
