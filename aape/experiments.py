@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aape.config import ConfigError, Params, flatten, load_params
+from aape.evaluation.metrics import mean_std
 
 CELL_FILE = "cell.json"
 # settings that change what the first three stages compute: cells that agree on them share that work
@@ -220,8 +220,5 @@ def _ordered(records: list[dict[str, Any]], axis: str, spec: ExperimentSpec, met
 
 
 def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return f"{mean:.2f} ± {std:.2f} (n={len(values)})"
+    stats = mean_std(values)  # population std, as every table of the project
+    return "n/a" if not stats.n else f"{stats.mean:.2f} ± {stats.std:.2f} (n={stats.n})"

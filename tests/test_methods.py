@@ -138,9 +138,9 @@ def test_training_lowers_the_loss_and_records_a_history(run_dir, method):
     # a few more steps at a useful learning rate lower the training loss
     from aape.method.training import fit
     from aape.methods.training import FeatureClassification
-    from aape.stages.train_baselines import _shared_loader
+    from aape.methods.context import backbone_loader
 
-    ctx = MethodContext(params, layout, ClassesManifest.read(layout.classes_file), load_bundle(layout, 1), _shared_loader(params))
+    ctx = MethodContext(params, layout, ClassesManifest.read(layout.classes_file), load_bundle(layout, 1), backbone_loader(params))
     model = _untrained(ctx, method)
     # labels shifted by one class, so the zero-shot start is wrong and there is something to learn
     from aape.method.objectives import TrainingSet

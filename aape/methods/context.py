@@ -88,9 +88,14 @@ class MethodContext:
 
 
 def backbone_loader(params: Params) -> Callable[[], Any]:
-    def load():
-        from aape.backbone import load_backbone
+    """() -> the configured backbone, loaded on the first call and shared by every later one (seeds, methods)."""
+    loaded: list[Any] = []
 
-        return load_backbone(params.backbone, params.run.device, image_size=params.data.image_size)
+    def load():
+        if not loaded:
+            from aape.backbone import load_backbone
+
+            loaded.append(load_backbone(params.backbone, params.run.device, image_size=params.data.image_size))
+        return loaded[0]
 
     return load

@@ -138,10 +138,9 @@ class ClassSpecificClassifier:
 
     def logits(self, features: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
         from aape.evaluation.classifiers import NotApplicable
+        from aape.labels import local_positions
 
-        position = {c: i for i, c in enumerate(self.train_classes)}
-        missing = [c for c in classes if c not in position]
-        if missing:
+        rows = local_positions(list(classes), self.train_classes)
+        if bool((rows < 0).any()):
             raise NotApplicable(f"class-specific contexts exist only for the {len(self.train_classes)} training classes")
-        rows = torch.as_tensor([position[c] for c in classes])
         return self.logit_scale * features @ self._weights[rows].T

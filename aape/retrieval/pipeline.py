@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from aape.atomic import atomic_save_tensors, atomic_write_json, atomic_write_text
 from aape.config import Params
 from aape.layout import Layout
-from aape.method.checkpoint import read_checkpoint, write_checkpoint
+from aape.method.checkpoint import load_weights, read_checkpoint, write_checkpoint
 from aape.method.objectives import TrainingSet, seeded, summarize_images, train_aggregator
 from aape.method.training import fit
 from aape.retrieval import METHODS
 from aape.retrieval import data as rdata
-from aape.retrieval.training import RetrievalObjective, RetrievalQuery, RetrievalSet, caption_bank, retrieval_recall
+from aape.retrieval.training import RetrievalObjective, RetrievalQuery, RetrievalSet, caption_bank, caption_mask, retrieval_recall
 from aape.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def encode_split(backbone, root: Path, records, views: int, layout: Layout, para
     counts = torch.tensor([len(r.captions) for r in records])
     flat = text_features(backbone, [c for r in records for c in r.captions], layout.cache, cfg.text_batch_size)
     captions = torch.zeros(len(records), int(counts.max()), backbone.embed_dim)
-    captions[torch.arange(captions.shape[1]).unsqueeze(0) < counts.unsqueeze(1)] = flat
+    captions[caption_mask(counts, captions.shape[1])] = flat
     return RetrievalSet(encoded.features if views else encoded.features.unsqueeze(1), captions, counts)
 
 
@@ -216,7 +216,7 @@ def read_tensors_or_none(path: Path) -> torch.Tensor | None:
 def load_query(directory: Path, identity: str, dim: int) -> RetrievalQuery:
     tensors, meta = read_checkpoint(directory, QUERY_STEM, expect_identity=identity, expect_embed_dim=dim)
     model = RetrievalQuery(dim, int(meta["hidden"]), meta["query"])
-    model.load_state_dict(tensors)
+    load_weights(model, tensors, directory)
     return model.eval()
 
 
@@ -265,6 +265,13 @@ def evaluate(params: Params, summary: dict[str, Any], tracker: Tracker) -> None:
         tracker.log_artifact(path, "eval/plots" if path.is_dir() else "eval")
 
 
+def _over_seeds(group: pd.DataFrame, metric: str):
+    """Mean and population std of one metric over a group's seeds (the evaluation's own mean_std)."""
+    from aape.evaluation.metrics import mean_std
+
+    return mean_std(group[metric].astype(float).tolist())
+
+
 def tracked_name(metric: str) -> str:
     """'i2t_R@1' -> 'i2t_R_at_1': MLflow refuses '@' in a metric name (metrics.json uses the same names)."""
     return metric.replace("@", "_at_")
@@ -287,9 +294,9 @@ def _log_means(tracker: Tracker, frame: pd.DataFrame, trained_on: str, params: P
                               "query": params.generator.query if method != "zeroshot" else "n/a"})
             values = {}
             for name in METRICS:
-                key = tracked_name(name)
-                values[key] = float(group[name].mean())
-                values[f"{key}_std"] = float(group[name].std(ddof=0))
+                stats = _over_seeds(group, name)
+                values[tracked_name(name)] = stats.mean
+                values[f"{tracked_name(name)}_std"] = stats.std
             child.log_metrics(values)
 
 
@@ -311,10 +318,10 @@ def _metrics(frame: pd.DataFrame, random_init: bool) -> dict[str, Any]:
     metrics: dict[str, Any] = {"random_init": random_init}
     for (scope, dataset, method), group in frame.groupby(["scope", "dataset", "method"], sort=False):
         for name in METRICS:
-            values = group[name].astype(float)
+            stats = _over_seeds(group, name)
             key = f"{scope}/{dataset}/{method}/{tracked_name(name)}"
-            metrics[f"{key}_mean"] = round(float(values.mean()), 4)
-            metrics[f"{key}_std"] = round(float(values.std(ddof=0)), 4)
+            metrics[f"{key}_mean"] = round(stats.mean, 4)
+            metrics[f"{key}_std"] = round(stats.std, 4)
     return metrics
 
 
@@ -359,7 +366,7 @@ def render_report(frame: pd.DataFrame, manifest: dict[str, Any], meta: dict[str,
         title = f"## {target} test (finetuned: trained on {dataset})" if scope == TASK else f"## {target} test (zero-shot transfer from {dataset})"
         lines += [title, "", "| Query | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM |", "|---|---|---|---|---|---|---|---|"]
         for method, group in part.groupby("method", sort=False):
-            cells = [f"{group[m].mean():.2f} ± {group[m].std(ddof=0):.2f}" for m in METRICS]
+            cells = [f"{stats.mean:.2f} ± {stats.std:.2f}" for stats in (_over_seeds(group, m) for m in METRICS)]
             lines.append(f"| {QUERY_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
         lines.append("")
     model, _, weights = str(meta["identity"]).partition("@")

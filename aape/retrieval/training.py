@@ -29,12 +29,16 @@ from aape.retrieval.metrics import recall_at_k
 QueryKind = Literal["residual", "prompt"]
 
 
+def caption_mask(counts: torch.Tensor, n_max: int) -> torch.Tensor:
+    """[N, n_max] True where image i has a j-th caption (captions are packed at the front of each row)."""
+    return torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)
+
+
 def caption_bank(captions: torch.Tensor, counts: torch.Tensor | None = None) -> DescriptionBank:
     """captions [N, n_max, d] (each image's caption embeddings, padded) -> a bank with one "class" per image."""
     N, n_max, _ = captions.shape
     counts = counts if counts is not None else torch.full((N,), n_max)
-    mask = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)
-    return DescriptionBank(captions, mask, list(range(N)))
+    return DescriptionBank(captions, caption_mask(counts, n_max), list(range(N)))
 
 
 class RetrievalQuery(nn.Module):
@@ -76,7 +80,7 @@ class RetrievalSet:
 
     def flat_captions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([M, d] every real caption, [M] its image index), for Recall@K."""
-        mask = torch.arange(self.captions.shape[1]).unsqueeze(0) < self.counts.unsqueeze(1)
+        mask = caption_mask(self.counts, self.captions.shape[1])
         image = torch.arange(len(self.counts)).unsqueeze(1).expand_as(mask)
         return self.captions[mask], image[mask]
 

@@ -71,12 +71,10 @@ class Evaluation:
     extra_results: list[Path]  # evaluation.shots_results: other runs' results.parquet for the shots curve
     outcomes: list[SetOutcome] = field(default_factory=list)
     probes: dict[int, LinearProbe] = field(default_factory=dict)  # each seed's linear probe, when one was trained
-    backbone: Any = None  # loaded once, by the first method that runs the text encoder
+    load_backbone: Any = None  # () -> the backbone, loaded once, by the first method that runs the text encoder
 
-    def load_backbone(self):
-        if self.backbone is None:
-            self.backbone = backbone_loader(self.params)()
-        return self.backbone
+    def __post_init__(self) -> None:
+        self.load_backbone = self.load_backbone or backbone_loader(self.params)
 
 
 @dataclass
@@ -173,7 +171,8 @@ def _check_models_exist(layout: Layout, methods: list[str], seeds: list[int]) ->
         spec = method_spec(method)
         for seed in seeds:
             if spec.trainer == DISTILL_GENERATOR:
-                directory, present = model_dir(layout, method, seed), (model_dir(layout, method, seed) / "generator.json").is_file()
+                directory = model_dir(layout, method, seed)
+                present = (directory / "generator.json").is_file()
             elif spec.trainer == TRAIN_BASELINES:
                 directory = layout.baseline_dir(method, seed)
                 present = is_trained(directory)

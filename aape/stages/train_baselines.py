@@ -39,7 +39,7 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         classes = ClassesManifest.read(layout.classes_file) if methods else None
         layout.baselines.mkdir(parents=True, exist_ok=True)
         per_method: dict[str, dict[int, Any]] = {m: {} for m in methods}
-        load = _shared_loader(params)
+        load = backbone_loader(params)
         for seed in params.run.seeds:
             if not methods:
                 break
@@ -60,18 +60,6 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
         if not methods:
             log.info("no method of evaluation.methods is trained by this stage; nothing to do")
     return summary
-
-
-def _shared_loader(params: Params):
-    """One backbone for every seed and method, loaded on first use (only the CoOp family needs it)."""
-    load, cache = backbone_loader(params), {}
-
-    def shared():
-        if "backbone" not in cache:
-            cache["backbone"] = load()
-        return cache["backbone"]
-
-    return shared
 
 
 def _train_one(ctx: MethodContext, method: str, tracker: Tracker) -> dict[str, Any]:
