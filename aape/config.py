@@ -30,13 +30,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-TASKS = ("classification", "retrieval")  # docs/method.md: what the stages do for each
+TASKS = ("classification", "retrieval", "captioning", "vqa")  # docs/method.md: what the stages do for each
+IMAGE_TEXT_TASKS = ("retrieval", "captioning", "vqa")  # each image's own captions are its prompts
 
 
 class RunConfig(_Section):
     task: Literal[TASKS] = Field(  # type: ignore[valid-type]
         "classification",
-        description="'classification' (base-to-new, few-shot, transfer) or 'retrieval' (image-text, each image's captions as its prompts)",
+        description="'classification' (base-to-new, few-shot, transfer), 'retrieval' (image-text, each image's captions as its "
+        "prompts), 'captioning' or 'vqa' (AAPE appended to a frozen language model's image prefix)",
     )
     name: str = "demo"
     output_dir: str = "artifacts"
@@ -203,6 +205,8 @@ OPTIMISER_PRESETS: dict[str, dict[str, Any]] = {
     "aape-aggregator": {"optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
     # strong decoupled weight decay: with head_init "zeroshot" it pulls g back towards zero-shot CLIP
     "aape-generator": {"optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1.0},
+    # LiMBeR's AdamW at 8e-4 (jmerullo/limber@ed3e942); its weight decay is not in our notes: torch's default 0.01
+    "limber": {"optimizer": "adamw", "lr": 8e-4, "momentum": 0.9, "weight_decay": 0.01},
 }
 _OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay")
 
@@ -291,6 +295,32 @@ class GeneratorConfig(_Section):
     schedule: GeneratorSchedule = Field(default_factory=GeneratorSchedule)
 
 
+class PrefixSchedule(ScheduleConfig):
+    preset: str = Field("limber", description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")
+    batch_size: int = Field(16, ge=1)
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class PrefixConfig(_Section):
+    """run.task captioning / vqa: the LiMBeR-style prefix model and its decoding (docs/method.md, "Captioning and VQA")."""
+
+    lm: str = Field("smollm2-135m", description="frozen causal LM: 'smollm2-135m' (offline GGUF), a .gguf file, a local model folder or a HF name")
+    tokens: int = Field(4, ge=1, description="prefix embeddings made from the pooled CLIP image embedding (LiMBeR: 144 from RN50x16's grid)")
+    aape_tokens: int = Field(1, ge=1, description="prefix embeddings made from AAPE = h(x), placed after the image's")
+    max_target_tokens: int = Field(32, ge=1, description="caption or answer tokens trained on (longer ones are cut)")
+    decoding: list[Literal["greedy", "sample"]] = Field(default_factory=lambda: ["greedy", "sample"], min_length=1,
+                                                        description="captioning decodings evaluated (VQA is greedy)")
+    temperature: float = Field(0.7, gt=0, description="nucleus sampling (LiMBeR: 0.7)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling (LiMBeR: 0.9)")
+    max_new_tokens: int = Field(20, ge=1)
+    vqa_shots: int = Field(0, ge=0, description="in-context examples before each VQA question, drawn from the training split by seed")
+    eval_batch_size: int = Field(16, ge=1)
+    java_metrics: bool = Field(True, description="where Java is installed: the PTB tokenizer and METEOR (seconds per score); "
+                               "false = the Python tokenizer, no METEOR")
+    examples: int = Field(4, ge=0, description="test images shown in the report with their generated captions or answers")
+    schedule: PrefixSchedule = Field(default_factory=PrefixSchedule)
+
+
 EVAL_METHODS = tuple(METHODS)  # aape/methods/registry.py (as imported; validation reads the registry live)
 DEFAULT_EVAL_METHODS = ("zeroshot", "zeroshot-ensemble", "cupl", "linear-probe", "aape-nodistill", "aape")
 
@@ -358,9 +388,13 @@ class EvaluationConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _registered(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METHODS]  # read now: a method registered at run time counts
+        from aape.vl import METHODS as VL_METHODS
+
+        # the registry is read now: a method registered at run time counts; Params checks each fits run.task
+        unknown = [m for m in v if m not in METHODS and m not in VL_METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; allowed values: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; allowed values: {', '.join(METHODS)} "
+                             f"(captioning and VQA: {', '.join(VL_METHODS)})")
         repeated = sorted({m for m in v if v.count(m) > 1})
         if repeated:
             raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once")
@@ -372,6 +406,9 @@ class EvaluationConfig(_Section):
         if len(v) != 2 or not 0 < v[0] < v[1]:
             raise ValueError("must be [low, high] with 0 < low < high, e.g. [1.0e-6, 1.0e6]")
         return v
+
+
+VL_TASKS = ("captioning", "vqa")  # aape.vl.TASKS
 
 
 class TrackingConfig(_Section):
@@ -390,6 +427,7 @@ class Params(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)  # type: ignore[valid-type]
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -410,7 +448,29 @@ class Params(_Section):
             if other:
                 raise ValueError(f"evaluation.methods {other} do not apply to retrieval; with run.task: retrieval use any of "
                                  f"{', '.join(RETRIEVAL_METHODS)}")
+        elif self.run.task in VL_TASKS:
+            self._generation_task_fits()
+        else:
+            other = [m for m in self.evaluation.methods if m not in METHODS]
+            if other:
+                raise ValueError(f"evaluation.methods {other} are captioning/VQA models; classification uses any of {', '.join(METHODS)}")
         return self
+
+    def _generation_task_fits(self) -> None:
+        from aape.vl import DATASETS, METHODS as VL_METHODS, TRANSFER_DATASETS
+
+        task = self.run.task
+        if self.data.dataset not in DATASETS[task]:
+            raise ValueError(f"data.dataset {self.data.dataset!r} is not a {task} dataset; with run.task: {task} choose one of "
+                             f"{', '.join(DATASETS[task])}")
+        unknown = [d for d in self.evaluation.cross_datasets if d not in TRANSFER_DATASETS[task]]
+        if unknown or self.evaluation.domain_shift:
+            allowed = ", ".join(TRANSFER_DATASETS[task]) or "none"
+            raise ValueError(f"with run.task: {task}, evaluation.cross_datasets holds {task} test sets ({allowed}; got {unknown}) "
+                             f"and evaluation.domain_shift is empty")
+        other = [m for m in self.evaluation.methods if m not in VL_METHODS]
+        if other:
+            raise ValueError(f"evaluation.methods {other} do not apply to {task}; with run.task: {task} use any of {', '.join(VL_METHODS)}")
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for experiment trackers."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
-from aape.config import ConfigError, Params
+from aape.config import IMAGE_TEXT_TASKS, VL_TASKS, ConfigError, Params
 from aape.errors import AAPEError
 
 Check = Callable[[Params], list[str]]
@@ -25,8 +25,8 @@ def dataset_problems(params: Params) -> list[str]:
     """data.dataset is a known dataset found under data.root, or a custom one whose data.path exists."""
     from aape.data.registry import canonical_name
 
-    if params.run.task == "retrieval":
-        return _retrieval_dataset_problems(params)
+    if params.run.task in IMAGE_TEXT_TASKS:
+        return _image_text_dataset_problems(params, params.data.dataset, "data.dataset")
     try:
         key = canonical_name(params.data.dataset)
     except AAPEError as exc:
@@ -40,16 +40,25 @@ def dataset_problems(params: Params) -> list[str]:
     return [] if exists else [f"data.path: {path} is not an existing {_custom_what(key)} (data.dataset: {key})"]
 
 
-def _retrieval_dataset_problems(params: Params) -> list[str]:
-    """easy-vqa needs its package; COCO and Flickr30k need Karpathy's split file under data.root."""
-    name = params.data.dataset
+def _image_text_dataset_problems(params: Params, name: str, setting: str) -> list[str]:
+    """easy-vqa needs its package; COCO and Flickr30k need Karpathy's split file under data.root, VQAv2 also
+    its question and annotation files, NoCaps its validation captions."""
     if name == "easy-vqa":
         import importlib.util
 
-        return [] if importlib.util.find_spec("easy_vqa") else ["data.dataset is 'easy-vqa' but the easy-vqa package is not installed: pip install easy-vqa"]
-    split_file = Path(params.data.root) / name / f"dataset_{name}.json"
-    return [] if split_file.is_file() else [f"data.dataset: Karpathy's split file {split_file} not found (data.root={params.data.root!r}); "
-                                            f"see the README, section 'Retrieval'"]
+        return [] if importlib.util.find_spec("easy_vqa") else [f"{setting} is 'easy-vqa' but the easy-vqa package is not installed: pip install easy-vqa"]
+    root = Path(params.data.root)
+    if name == "nocaps":
+        needed = [root / "nocaps" / "nocaps_val_4500_captions.json"]
+    else:
+        karpathy = "coco" if name == "vqav2" else name
+        needed = [root / karpathy / f"dataset_{karpathy}.json"]
+        if name == "vqav2":
+            from aape.vl.pipeline import VQAV2_FILES
+
+            needed += [root / "vqav2" / f for files in VQAV2_FILES.values() for f in files]
+    return [f"{setting}: {path} not found (data.root={params.data.root!r}); see the README, section 'Image-text tasks'"
+            for path in needed if not path.is_file()]
 
 
 def _folder_problems(params: Params, name: str, setting: str) -> list[str]:
@@ -68,7 +77,7 @@ def _custom_what(key: str) -> str:
 
 def prompt_problems(params: Params) -> list[str]:
     """The configured description source can start: its file, its local model, its endpoint."""
-    if params.run.task == "retrieval":  # the captions are the prompts: no LLM is asked
+    if params.run.task in IMAGE_TEXT_TASKS:  # the captions are the prompts: no LLM is asked
         return []
     cfg = params.prompts
     if cfg.source == "cupl-json":
@@ -114,6 +123,20 @@ def _endpoint_problems(params: Params) -> list[str]:
     return problems
 
 
+def language_model_problems(params: Params) -> list[str]:
+    """Captioning and VQA: prefix.lm is a local model, or a hub name while the hub may be reached."""
+    if params.run.task not in VL_TASKS:
+        return []
+    from aape.prompts.local_source import resolve_model
+
+    try:
+        resolve_model(params.prefix.lm)
+    except AAPEError as exc:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return [f"prefix.lm: {exc}, and HF_HUB_OFFLINE=1 keeps the Hugging Face hub out of reach"]
+    return []
+
+
 def backbone_problems(params: Params) -> list[str]:
     from aape.backbone import backbone_problems as problems_of
 
@@ -125,7 +148,10 @@ def evaluation_problems(params: Params) -> list[str]:
     from aape.data.registry import canonical_name
 
     problems = []
-    for key in ("cross_datasets", "domain_shift") if params.run.task != "retrieval" else ():
+    if params.run.task in IMAGE_TEXT_TASKS:
+        problems = [p for name in params.evaluation.cross_datasets
+                    for p in _image_text_dataset_problems(params, name, "evaluation.cross_datasets")]
+    for key in ("cross_datasets", "domain_shift") if params.run.task not in IMAGE_TEXT_TASKS else ():
         for name in getattr(params.evaluation, key):
             try:
                 canonical_name(name)
@@ -144,6 +170,7 @@ CHECKS: tuple[tuple[tuple[str, ...], Check], ...] = (
     (("generate-prompts",), prompt_problems),
     (("extract-features", "evaluate"), backbone_problems),
     (("evaluate",), evaluation_problems),
+    (("train-baselines", "evaluate"), language_model_problems),
 )
 
 

@@ -75,3 +75,33 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_LM_WORDS = (
+    "a an the small large big red blue green yellow gray teal black brown circle rectangle triangle shape "
+    "image of with is what color does contain yes no Q A : ? . , there this picture"
+).split()
+
+
+def write_tiny_lm(folder: Path, words=TINY_LM_WORDS, width: int = 32) -> Path:
+    """A randomly initialised 2-layer GPT-2 with a word-level tokenizer over `words`, saved as a model
+    folder (config.json, weights, tokenizer): what prefix.lm accepts as a local path, built offline in
+    well under a second."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<eos>", "\n", *dict.fromkeys(words)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Whitespace()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=256, n_embd=width, n_layer=2, n_head=2,
+                        initializer_range=0.3, bos_token_id=vocab["<eos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory) -> Path:
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))

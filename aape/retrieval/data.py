@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aape.atomic import atomic_write_json, atomic_write_stream
+from aape.config import IMAGE_TEXT_TASKS
 from aape.data.captions import (
     GENERATED_CAPTIONS_NOTICE,
     TRAINING_SPLITS,
@@ -121,7 +122,8 @@ def captions_file(layout: Layout, split: str) -> Path:
     return layout.data / f"captions_{split}.parquet"
 
 
-def write_retrieval_data(layout: Layout, data: RetrievalData) -> list[Path]:
+def write_retrieval_data(layout: Layout, data: RetrievalData, task: str = "retrieval") -> list[Path]:
+    """The captioned image splits of an image-text task (retrieval, captioning, vqa: the manifest says which)."""
     paths = []
     for split in SPLITS:
         records = data.splits[split]
@@ -131,7 +133,7 @@ def write_retrieval_data(layout: Layout, data: RetrievalData) -> list[Path]:
         atomic_write_stream(path, lambda handle, t=table: pq.write_table(t, handle))
         paths.append(path)
     manifest = {
-        "task": "retrieval", "dataset": data.dataset, "image_root": str(data.image_root), "source": data.source,
+        "task": task, "dataset": data.dataset, "image_root": str(data.image_root), "source": data.source,
         "generated_captions": data.generated, "notice": GENERATED_CAPTIONS_NOTICE if data.generated else None,
         "images": {s: len(data.splits[s]) for s in SPLITS},
         "captions": {s: sum(len(r.captions) for r in data.splits[s]) for s in SPLITS},
@@ -145,8 +147,8 @@ def read_manifest(layout: Layout) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} is missing: run `aape prepare-data` with run.task: retrieval first")
     manifest = json.loads(path.read_text())
-    if manifest.get("task") != "retrieval":
-        raise DataError(f"{path} was not written for the retrieval task; re-run `aape prepare-data`")
+    if manifest.get("task") not in IMAGE_TEXT_TASKS:
+        raise DataError(f"{path} was not written for an image-text task; re-run `aape prepare-data`")
     return manifest
 
 

@@ -51,18 +51,20 @@ def features_file(layout: Layout, split: str) -> Path:
 # prepare-data, generate-prompts --------------------------------------------------------------------
 
 
-def prepare_data(params: Params, summary: dict[str, Any]) -> None:
+def prepare_data(params: Params, summary: dict[str, Any], data: rdata.RetrievalData | None = None) -> None:
+    """Write the captioned image splits (`data`: already loaded by a task that adds its own files, as VQA does)."""
+    task = params.run.task
     if os.environ.get("AAPE_ORCHESTRATOR") == "dvc":
-        # dvc.yaml's deps name classification's files (data/classes.json); until it has the retrieval ones,
+        # dvc.yaml's deps name classification's files (data/classes.json); until it has the image-text ones,
         # DVC would stop at generate-prompts, or miss a changed input: refuse at once instead
-        raise rdata.DataError("run.task: retrieval does not run under `dvc repro` yet (dvc.yaml tracks the classification "
+        raise rdata.DataError(f"run.task: {task} does not run under `dvc repro` yet (dvc.yaml tracks the classification "
                               "files); run it with `aape run` or the Prefect flow (`python -m flows.pipeline`)")
     layout = Layout.from_params(params)
-    data = rdata.load_retrieval_dataset(params.data.dataset, params.data.root, params.data.max_images)
+    data = data or rdata.load_retrieval_dataset(params.data.dataset, params.data.root, params.data.max_images)
     missing = [r.image for r in (*data.splits["val"], *data.splits["test"]) if not (data.image_root / r.image).is_file()]
     if missing:
         raise rdata.DataError(f"{len(missing)} {data.dataset} image(s) are missing under {data.image_root}, e.g. {missing[0]}")
-    summary["outputs"].extend(str(p) for p in rdata.write_retrieval_data(layout, data))
+    summary["outputs"].extend(str(p) for p in rdata.write_retrieval_data(layout, data, task))
     summary.update(dataset=data.dataset, images={s: len(v) for s, v in data.splits.items()}, generated_captions=data.generated)
     if data.generated:
         log.warning(rdata.GENERATED_CAPTIONS_NOTICE)

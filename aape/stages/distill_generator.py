@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from aape.backbone import resolve_device
-from aape.config import GeneratorConfig, Params
+from aape.config import IMAGE_TEXT_TASKS, GeneratorConfig, Params
 from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.logs import stage
@@ -81,7 +81,7 @@ class Variant:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
-    if params.run.task == "retrieval":
+    if params.run.task in IMAGE_TEXT_TASKS:
         from aape.retrieval import pipeline as retrieval
 
         with stage(NAME) as summary:

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from aape.backbone import RANDOM_INIT_NOTICE
-from aape.config import Params
+from aape.config import VL_TASKS, Params
 from aape.data.manifests import ClassesManifest
 from aape.evaluation.classifiers import CSearch, EvaluationError, LinearProbe
 from aape.evaluation.outputs import (
@@ -95,6 +95,12 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
 
         with stage(NAME) as summary:
             retrieval.evaluate(params, summary, tracker)
+        return summary
+    if params.run.task in VL_TASKS:
+        from aape.vl import pipeline as vl
+
+        with stage(NAME) as summary:
+            vl.evaluate(params, summary, tracker)
         return summary
     with stage(NAME) as summary:
         ev = _prepare(params, layout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from aape.backbone import RANDOM_INIT_NOTICE
-from aape.config import Params
+from aape.config import IMAGE_TEXT_TASKS, Params
 from aape.features.extract import Extractor, build_backbone
 from aape.layout import Layout
 from aape.logs import stage
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def run(params: Params, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
-    if params.run.task == "retrieval":
+    if params.run.task in IMAGE_TEXT_TASKS:
         from aape.retrieval import pipeline as retrieval
 
         with stage("extract-features") as summary:

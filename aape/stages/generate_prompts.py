@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from aape.atomic import atomic_write_json
-from aape.config import Params
+from aape.config import IMAGE_TEXT_TASKS, Params
 from aape.data.manifests import ClassNames
 from aape.layout import Layout
 from aape.logs import stage
@@ -27,7 +27,7 @@ STAGE = "generate-prompts"
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
-    if params.run.task == "retrieval":  # each image's own captions are its prompts: no LLM
+    if params.run.task in IMAGE_TEXT_TASKS:  # each image's own captions are its prompts: no LLM
         from aape.retrieval import pipeline as retrieval
 
         with stage(STAGE) as summary:

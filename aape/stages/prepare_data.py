@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from aape.atomic import atomic_write_json
-from aape.config import Params
+from aape.config import VL_TASKS, Params
 from aape.data.images import DataError, UnreadableImageError
 from aape.data.manifests import ClassesManifest, write_manifest
 from aape.data.protocol import Shortfall, cap_per_class, class_plan, draw_fewshot
@@ -146,6 +146,12 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
 
         with stage("prepare-data") as summary:
             retrieval.prepare_data(params, summary)
+        return summary
+    if params.run.task in VL_TASKS:
+        from aape.vl import pipeline as vl
+
+        with stage("prepare-data") as summary:
+            vl.prepare_data(params, summary)
         return summary
     with stage("prepare-data") as summary:
         splits = build_dataset(cfg)

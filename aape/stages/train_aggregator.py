@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from aape.backbone import resolve_device
-from aape.config import AggregatorConfig, Params
+from aape.config import IMAGE_TEXT_TASKS, AggregatorConfig, Params
 from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.logs import stage
@@ -67,7 +67,7 @@ class Trained:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
-    if params.run.task == "retrieval":
+    if params.run.task in IMAGE_TEXT_TASKS:
         from aape.retrieval import pipeline as retrieval
 
         with stage(NAME) as summary:

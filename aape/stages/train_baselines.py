@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from aape.atomic import atomic_write_json
-from aape.config import Params, flatten
+from aape.config import VL_TASKS, Params, flatten
 from aape.data.manifests import ClassesManifest
 from aape.features import load_bundle
 from aape.layout import Layout
@@ -34,6 +34,12 @@ def methods_to_train(params: Params) -> list[str]:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
+    if params.run.task in VL_TASKS:  # the prefix models: LiMBeR's maps, with and without AAPE
+        from aape.vl import pipeline as vl
+
+        with stage(NAME) as summary:
+            vl.train_prefix_models(params, summary, tracker)
+        return summary
     with stage(NAME) as summary:
         methods = methods_to_train(params)
         classes = ClassesManifest.read(layout.classes_file) if methods else None

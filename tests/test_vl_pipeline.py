@@ -1,0 +1,123 @@
+"""run.task: captioning and vqa through the same stages, end to end from the CLI on the offline easy-VQA
+data, with a tiny random GPT-2 as the frozen language model."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("easy_vqa")
+pytest.importorskip("pycocoevalcap")
+
+from aape.cli import main  # noqa: E402
+from aape.config import ConfigError, load_params  # noqa: E402
+from aape.stages import STAGES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+METHODS = ("prefix", "aape", "aape-finetuned")
+
+
+def _overrides(tmp, task, lm, *extra):
+    settings = [
+        f"run.task={task}", "data.dataset=easy-vqa", "evaluation.methods=[prefix, aape, aape-finetuned]",
+        f"run.output_dir={tmp / 'artifacts'}", f"run.cache_dir={tmp / 'cache'}", "run.seeds=[1, 2]", "run.device=cpu",
+        "backbone.model=aape-tiny", "backbone.pretrained=random-init", "data.max_images=40", "features.augmented_views=2",
+        "features.num_workers=0", "aggregator.heads=2", "aggregator.schedule.epochs=2", "generator.schedule.epochs=2",
+        f"prefix.lm={lm}", "prefix.schedule.epochs=2", "prefix.java_metrics=false", "prefix.max_new_tokens=6", *extra,
+    ]
+    return [arg for s in settings for arg in ("-s", s)]
+
+
+def _run(tmp, task, lm, *extra):
+    result = CliRunner().invoke(main, ["run", "--no-track", *_overrides(tmp, task, lm, *extra)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return tmp / "artifacts", result.output
+
+
+@pytest.fixture(scope="module")
+def captioning_run(tmp_path_factory, tiny_lm_path):
+    return _run(tmp_path_factory.mktemp("captioning"), "captioning", tiny_lm_path)
+
+
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory, tiny_lm_path):
+    return _run(tmp_path_factory.mktemp("vqa"), "vqa", tiny_lm_path, "prefix.vqa_shots=2")
+
+
+def test_captioning_runs_every_stage_and_reports_each_model_and_decoding(captioning_run):
+    artifacts, output = captioning_run
+    assert all(f"[{name}] done" in output for name in STAGES)
+    report = (artifacts / "eval" / "report.md").read_text()
+    assert report.startswith("**RANDOM-INIT") and "**GENERATED CAPTIONS" in report
+    assert "| Model | Decoding | CIDEr-D | BLEU-4 | ROUGE-L | CLIP-S | RefCLIP-S |" in report
+    assert "Not computed: METEOR: turned off" in report and "![test/0](examples/0.png)" in report
+    assert (artifacts / "eval" / "examples" / "0.png").is_file()
+    metrics = json.loads((artifacts / "eval" / "metrics.json").read_text())
+    for method in METHODS:
+        for decoding in ("greedy", "sample"):
+            assert f"captioning/easy-vqa/{method}/{decoding}/cider_d_mean" in metrics
+
+
+def test_captioning_scores_are_the_metrics_of_the_saved_generations(captioning_run, tiny_backbone):
+    from aape.vl.metrics import caption_scores
+
+    artifacts, _ = captioning_run
+    generations = pd.read_parquet(artifacts / "eval" / "generations.parquet")
+    results = pd.read_parquet(artifacts / "eval" / "results.parquet")
+    part = generations[(generations["method"] == "aape") & (generations["seed"] == 2) & (generations["decoding"] == "sample")]
+    scores = caption_scores(dict(zip(part["image_id"], part["output"])),
+                            {i: list(r) for i, r in zip(part["image_id"], part["references"])}, use_java=False)
+    row = results[(results["method"] == "aape") & (results["seed"] == 2) & (results["decoding"] == "sample")].iloc[0]
+    assert row["cider_d"] == pytest.approx(100 * scores.cider_d) and row["rouge_l"] == pytest.approx(100 * scores.rouge_l)
+    # greedy decoding depends on nothing random: both of a seed's greedy captions come from its own maps only
+    assert len(part) == len(pd.read_parquet(artifacts / "data" / "captions_test.parquet"))
+
+
+def test_the_three_models_hold_what_they_should(captioning_run):
+    from safetensors.torch import load_file
+
+    artifacts, _ = captioning_run
+    zero_shot_h = load_file(str(artifacts / "generator" / "seed1" / "retrieval_query.safetensors"))
+    prefix = load_file(str(artifacts / "baselines" / "prefix" / "seed1" / "prefix.safetensors"))
+    aape = load_file(str(artifacts / "baselines" / "aape" / "seed1" / "prefix.safetensors"))
+    finetuned = load_file(str(artifacts / "baselines" / "aape-finetuned" / "seed1" / "prefix.safetensors"))
+    assert not any(k.startswith(("h.", "aape_map.")) for k in prefix)
+    # zero-shot AAPE keeps the retrieval h unchanged; the finetuned one moved it
+    assert torch.equal(aape["h.net.0.weight"], zero_shot_h["h.net.0.weight"])
+    assert not torch.equal(finetuned["h.net.0.weight"], zero_shot_h["h.net.0.weight"])
+    info = json.loads((artifacts / "baselines" / "aape-finetuned" / "seed1" / "prefix.json").read_text())
+    assert info["lambda_distill"] == 5.0 and info["aape_tokens"] == 1 and info["lm_width"] == 32
+
+
+def test_vqa_answers_are_scored_with_the_vqa_accuracy_and_the_shots_are_recorded(vqa_run):
+    from aape.vl.metrics import vqa_accuracy
+
+    artifacts, output = vqa_run
+    assert all(f"[{name}] done" in output for name in STAGES)
+    results = pd.read_parquet(artifacts / "eval" / "results.parquet")
+    generations = pd.read_parquet(artifacts / "eval" / "generations.parquet")
+    for (method, seed), part in generations.groupby(["method", "seed"]):
+        expected = 100 * sum(vqa_accuracy(o, list(r)) for o, r in zip(part["output"], part["references"])) / len(part)
+        row = results[(results["method"] == method) & (results["seed"] == seed)].iloc[0]
+        assert row["vqa_accuracy"] == pytest.approx(expected) and row["shots"] == 2
+    shots = results.groupby("seed")["shot_questions"].first()
+    assert shots[1] != shots[2] and len(shots[1].split(",")) == 2  # drawn by seed
+    questions = pd.read_parquet(artifacts / "data" / "vqa_test.parquet")
+    assert len(generations) == len(questions) * len(METHODS) * 2
+    report = (artifacts / "eval" / "report.md").read_text()
+    assert "| Model | Decoding | VQA accuracy |" in report and "2 in-context example(s)" in report
+
+
+def test_generation_task_settings_are_checked_before_anything_runs():
+    with pytest.raises(ConfigError, match="not a captioning dataset"):
+        load_params(None, ["run.task=captioning", "data.dataset=flickr30k", "evaluation.methods=[prefix]"])
+    with pytest.raises(ConfigError, match="do not apply to vqa"):
+        load_params(None, ["run.task=vqa", "data.dataset=easy-vqa", "evaluation.methods=[prefix, coop]"])
+    with pytest.raises(ConfigError, match="are captioning/VQA models"):
+        load_params(None, ["evaluation.methods=[zeroshot, aape-finetuned]"])
+    with pytest.raises(ConfigError, match="cross_datasets holds captioning test sets"):
+        load_params(None, ["run.task=captioning", "data.dataset=coco", "evaluation.methods=[prefix]", "evaluation.cross_datasets=[eurosat]"])
