@@ -143,15 +143,3 @@ def test_the_prefect_flow_runs_retrieval_with_mlflow_runs_per_query(prefect_serv
     mean = by_name["aape · easy-vqa retrieval · mean of 1 seeds"]
     assert {"rsum", "rsum_std", "i2t_R_at_1"} <= set(mean.data.metrics) and mean.data.params["task"] == "retrieval"
     assert mean.data.tags["mlflow.parentRunId"] in {r.info.run_id for r in runs}
-
-
-def test_dvc_refuses_retrieval_at_its_first_stage_with_what_to_use_instead(tmp_path, monkeypatch):
-    """dvc.yaml tracks classification's files; retrieval under DVC would break at generate-prompts."""
-    from aape.data.images import DataError
-    from aape.stages import stage_function
-
-    monkeypatch.setenv("AAPE_ORCHESTRATOR", "dvc")
-    params = load_params(None, [a for a in _overrides(tmp_path) if a != "-s"])
-    with pytest.raises(DataError, match="does not run under `dvc repro` yet.*aape run"):
-        stage_function("prepare-data")(params)
-    assert not (tmp_path / "artifacts" / "data").exists()

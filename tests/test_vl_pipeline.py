@@ -82,14 +82,14 @@ def test_the_three_models_hold_what_they_should(captioning_run):
 
     artifacts, _ = captioning_run
     zero_shot_h = load_file(str(artifacts / "generator" / "seed1" / "retrieval_query.safetensors"))
-    prefix = load_file(str(artifacts / "baselines" / "prefix" / "seed1" / "prefix.safetensors"))
-    aape = load_file(str(artifacts / "baselines" / "aape" / "seed1" / "prefix.safetensors"))
-    finetuned = load_file(str(artifacts / "baselines" / "aape-finetuned" / "seed1" / "prefix.safetensors"))
+    prefix = load_file(str(artifacts / "generator" / "seed1" / "prefix" / "prefix" / "prefix.safetensors"))
+    aape = load_file(str(artifacts / "generator" / "seed1" / "prefix" / "aape" / "prefix.safetensors"))
+    finetuned = load_file(str(artifacts / "generator" / "seed1" / "prefix" / "aape-finetuned" / "prefix.safetensors"))
     assert not any(k.startswith(("h.", "aape_map.")) for k in prefix)
     # zero-shot AAPE keeps the retrieval h unchanged; the finetuned one moved it
     assert torch.equal(aape["h.net.0.weight"], zero_shot_h["h.net.0.weight"])
     assert not torch.equal(finetuned["h.net.0.weight"], zero_shot_h["h.net.0.weight"])
-    info = json.loads((artifacts / "baselines" / "aape-finetuned" / "seed1" / "prefix.json").read_text())
+    info = json.loads((artifacts / "generator" / "seed1" / "prefix" / "aape-finetuned" / "prefix.json").read_text())
     assert info["lambda_distill"] == 5.0 and info["aape_tokens"] == 1 and info["lm_width"] == 32
 
 
@@ -121,3 +121,40 @@ def test_generation_task_settings_are_checked_before_anything_runs():
         load_params(None, ["evaluation.methods=[zeroshot, aape-finetuned]"])
     with pytest.raises(ConfigError, match="cross_datasets holds captioning test sets"):
         load_params(None, ["run.task=captioning", "data.dataset=coco", "evaluation.methods=[prefix]", "evaluation.cross_datasets=[eurosat]"])
+
+
+def test_dvc_repro_runs_the_image_text_tasks_and_reruns_only_what_a_changed_setting_feeds(tmp_path, tiny_lm_path):
+    """dvc.yaml serves every task: captioning from scratch, a decoding setting reruns only evaluate, and
+    switching the project to retrieval reruns the stages whose inputs changed."""
+    import shutil
+
+    import yaml
+
+    from aape.config import dump_params
+    from tests.test_orchestration_e2e import REPO, _ran_stages, _sh
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "aape", project / "aape", ignore=shutil.ignore_patterns("__pycache__"))
+    overrides = [a for a in _overrides(tmp_path, "captioning", tiny_lm_path, "run.seeds=[1]", "tracking.enabled=false") if a != "-s"]
+    params = load_params(None, [o for o in overrides if not o.startswith("run.output_dir=")] + ["run.output_dir=artifacts"])
+    dump_params(params, project / "params.yaml")
+    for args in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "i"],
+                 ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        _sh(args, project)
+    assert _ran_stages(_sh(["dvc", "repro"], project).stdout) == list(STAGES)
+    metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
+    assert "captioning/easy-vqa/aape-finetuned/greedy/cider_d_mean" in metrics
+    assert "up to date" in _sh(["dvc", "status"], project).stdout
+
+    tree = yaml.safe_load((project / "params.yaml").read_text())
+    tree["prefix"]["top_p"] = 0.5  # decoding only
+    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert _ran_stages(_sh(["dvc", "repro"], project).stdout) == ["evaluate"]
+
+    tree["run"]["task"], tree["evaluation"]["methods"] = "retrieval", ["zeroshot", "aape"]
+    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    ran = _ran_stages(_sh(["dvc", "repro"], project).stdout)
+    assert ran[0] == "prepare-data" and ran[-1] == "evaluate"
+    assert "retrieval/easy-vqa/aape/rsum_mean" in json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())

@@ -13,7 +13,6 @@ names, entry points and output folders as classification, each stage module hand
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,6 @@ def features_file(layout: Layout, split: str) -> Path:
 def prepare_data(params: Params, summary: dict[str, Any], data: rdata.RetrievalData | None = None) -> None:
     """Write the captioned image splits (`data`: already loaded by a task that adds its own files, as VQA does)."""
     task = params.run.task
-    if os.environ.get("AAPE_ORCHESTRATOR") == "dvc":
-        # dvc.yaml's deps name classification's files (data/classes.json); until it has the image-text ones,
-        # DVC would stop at generate-prompts, or miss a changed input: refuse at once instead
-        raise rdata.DataError(f"run.task: {task} does not run under `dvc repro` yet (dvc.yaml tracks the classification "
-                              "files); run it with `aape run` or the Prefect flow (`python -m flows.pipeline`)")
     layout = Layout.from_params(params)
     data = data or rdata.load_retrieval_dataset(params.data.dataset, params.data.root, params.data.max_images)
     missing = [r.image for r in (*data.splits["val"], *data.splits["test"]) if not (data.image_root / r.image).is_file()]

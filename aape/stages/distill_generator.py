@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from aape.backbone import resolve_device
-from aape.config import IMAGE_TEXT_TASKS, GeneratorConfig, Params
+from aape.config import IMAGE_TEXT_TASKS, VL_TASKS, GeneratorConfig, Params
 from aape.data.manifests import ClassesManifest
 from aape.layout import Layout
 from aape.logs import stage
@@ -86,6 +86,10 @@ def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
 
         with stage(NAME) as summary:
             retrieval.train_queries(params, summary, tracker)
+            if params.run.task in VL_TASKS:  # then the prefix models on the frozen LM, from that h
+                from aape.vl import pipeline as vl
+
+                vl.train_prefix_models(params, summary, tracker)
         return summary
     with stage(NAME) as summary:
         classes = ClassesManifest.read(layout.classes_file)

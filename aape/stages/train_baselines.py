@@ -34,14 +34,9 @@ def methods_to_train(params: Params) -> list[str]:
 def run(params: Params, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     layout = Layout.from_params(params)
-    if params.run.task in VL_TASKS:  # the prefix models: LiMBeR's maps, with and without AAPE
-        from aape.vl import pipeline as vl
-
-        with stage(NAME) as summary:
-            vl.train_prefix_models(params, summary, tracker)
-        return summary
     with stage(NAME) as summary:
-        methods = methods_to_train(params)
+        # captioning/VQA: the prefix models train in distill-generator (aape-finetuned trains h)
+        methods = methods_to_train(params) if params.run.task not in VL_TASKS else []
         classes = ClassesManifest.read(layout.classes_file) if methods else None
         layout.baselines.mkdir(parents=True, exist_ok=True)
         per_method: dict[str, dict[int, Any]] = {m: {} for m in methods}

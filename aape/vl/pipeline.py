@@ -5,8 +5,9 @@ retrieval task's stages up to h, then the prefix models and their evaluation.
     generate-prompts  \\
     extract-features   } as for retrieval: each image's captions are its prompts, h(x) learns their p^a
     train-aggregator  /  with the CLIP loss (the paper reuses the retrieval h: "zero-shot" AAPE)
-    distill-generator/
-    train-baselines   baselines/<method>/seed{S}/prefix.*: the prefix maps of each method (the LM stays frozen)
+    distill-generator/ and then generator/seed{S}/prefix/<method>/prefix.*: each method's prefix maps (the LM
+                      stays frozen; here because aape-finetuned trains h, and so DVC's deps hold for every task)
+    train-baselines   nothing to train (trained.json lists none)
     evaluate          eval/: captions (greedy and sampled) with CIDEr-D, BLEU-4, ROUGE-L, CLIP-S, RefCLIP-S,
                       or VQA answers with the VQA accuracy; report.md, metrics.json, generations.parquet, a figure
 
@@ -205,7 +206,7 @@ def train_prefix_models(params: Params, summary: dict[str, Any], tracker: Tracke
                 result = fit(maps, objective, n_items=len(train.image_of), n_views=train.views.shape[1], schedule=cfg.schedule,
                              epochs=epochs, seed=seed, name=f"{method} prefix seed {seed}", tracker=child)
             maps.load_state_dict(result.best_state)
-            directory = layout.baselines / method / f"seed{seed}"
+            directory = prefix_dir(layout, method, seed)
             facts = {"task": task, "method": method, "lm": lm.name, "lm_width": lm.width, "backbone_identity": meta["identity"],
                      "embed_dim": clip_dim, "random_init": meta["random_init"], "seed": seed, "tokens": cfg.tokens,
                      "aape_tokens": maps.aape_tokens, "hidden": params.generator.hidden, "lambda_distill": lam, "epochs": epochs,
@@ -214,18 +215,18 @@ def train_prefix_models(params: Params, summary: dict[str, Any], tracker: Tracke
             atomic_write_json(directory / "history.json", {"initial": result.initial, "history": result.history})
             summary["outputs"].extend([*map(str, paths), str(directory / "history.json")])
             summary[f"{method}_seed{seed}_val_lm_loss"] = facts["val_lm_loss"]
-    trained = layout.baselines / "trained.json"
-    atomic_write_json(trained, {"methods": list(params.evaluation.methods), "seeds": list(params.run.seeds), "task": task,
-                                "dataset": params.data.dataset, "lm": lm.name})
-    summary["outputs"].append(str(trained))
+
+
+def prefix_dir(layout: Layout, method: str, seed: int) -> Path:
+    return layout.seed_dir(layout.generator, seed) / STEM / method
 
 
 def load_maps(layout: Layout, method: str, seed: int, identity: str, clip_dim: int, lm: LanguageModel) -> PrefixMaps:
-    directory = layout.baselines / method / f"seed{seed}"
+    directory = prefix_dir(layout, method, seed)
     tensors, meta = read_checkpoint(directory, STEM, expect_identity=identity, expect_embed_dim=clip_dim)
     if int(meta["lm_width"]) != lm.width:
         raise DataError(f"{directory} was trained for a language model of width {meta['lm_width']} ({meta['lm']}), "
-                        f"not {lm.name}'s {lm.width}: re-run train-baselines with this prefix.lm")
+                        f"not {lm.name}'s {lm.width}: re-run distill-generator with this prefix.lm")
     maps = PrefixMaps(clip_dim, lm.width, int(meta["tokens"]), int(meta["aape_tokens"]), int(meta["hidden"]))
     load_weights(maps, tensors, directory)
     return maps.eval()
@@ -293,7 +294,8 @@ def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: Pre
     prefixes = _prefixes(maps, x)
     rows, generated = [], []
     for mode in cfg.decoding:
-        decoding = Decoding(mode, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        # a caption is one line: a newline ends it, as it ends a VQA answer
+        decoding = Decoding(mode, cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop_at_newline=True)
         captions = []
         for start in range(0, len(records), cfg.eval_batch_size):
             batch = prefixes[start:start + cfg.eval_batch_size]

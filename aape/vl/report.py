@@ -157,6 +157,6 @@ def _examples(generated: pd.DataFrame, shown: list[tuple[str, str]], task: str) 
             lines.append(f"Q: {rows['prompt'].iloc[0]}")
         lines.append(f"- references: {'; '.join(rows['references'].iloc[0])}")
         for row in rows.itertuples():
-            lines.append(f"- {_titles().get(row.method, row.method)}: {row.output or '(empty)'}")
+            lines.append(f"- {_titles().get(row.method, row.method)}: {' '.join(row.output.split()) or '(empty)'}")
         lines.append("")
     return lines
