@@ -158,3 +158,26 @@ def test_dvc_repro_runs_the_image_text_tasks_and_reruns_only_what_a_changed_sett
     ran = _ran_stages(_sh(["dvc", "repro"], project).stdout)
     assert ran[0] == "prepare-data" and ran[-1] == "evaluate"
     assert "retrieval/easy-vqa/aape/rsum_mean" in json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
+
+
+def test_the_prefect_flow_runs_vqa_with_an_mlflow_run_per_model(prefect_server, tmp_path, tiny_lm_path):
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    db = tmp_path / "mlflow.db"
+    overrides = [a for a in _overrides(tmp_path, "vqa", tiny_lm_path, "run.seeds=[1]") if a != "-s"]
+    overrides += [f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'mlartifacts'}"]
+    params_file = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    result = pipeline(params_file=params_file, overrides=overrides, record_in_dvc=False)
+    assert result["model"]["registered_model"] is None
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("aape").experiment_id])}
+    for method in METHODS:
+        mean = runs[f"{method} · easy-vqa vqa · greedy · mean of 1 seeds"]
+        assert {"vqa_accuracy", "vqa_accuracy_std"} <= set(mean.data.metrics)
+        assert mean.data.params["method"] == method and mean.data.params["lm"] == str(tiny_lm_path)
+    assert runs["aape-finetuned · easy-vqa vqa · greedy · mean of 1 seeds"].data.params["lambda_distill"] == "5.0"
+    assert "aape-finetuned prefix/seed1" in runs  # the training run, with its curves
