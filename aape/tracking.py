@@ -21,6 +21,12 @@ class Tracker(Protocol):
         """A context manager yielding a nested Tracker (an MLflow nested run)."""
         ...
 
+    def peer(self, name: str, tags: dict[str, str] | None = None) -> Any:
+        """Like `child`, but beside this run: under this run's parent (this run's child when it has none).
+        A stage's per-method summaries go there, one level under the pipeline's run instead of two, so
+        the runs table lists them beside the stages."""
+        ...
+
 
 class NullTracker:
     """Accepts everything, records nothing: the default when no tracking is wanted."""
@@ -41,12 +47,16 @@ class NullTracker:
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator["NullTracker"]:
         yield self
 
+    def peer(self, name: str, tags: dict[str, str] | None = None) -> Any:
+        return self.child(name, tags)
+
 
 class RecordingTracker(NullTracker):
     """Keeps what it is told in memory: for tests and for summaries."""
 
-    def __init__(self, name: str = "root") -> None:
+    def __init__(self, name: str = "root", parent: "RecordingTracker | None" = None) -> None:
         self.name = name
+        self.parent = parent
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[str, float, int | None]] = []
         self.tags: dict[str, str] = {}
@@ -67,10 +77,13 @@ class RecordingTracker(NullTracker):
 
     @contextmanager
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator["RecordingTracker"]:
-        sub = RecordingTracker(name)
+        sub = RecordingTracker(name, self)
         sub.tags.update(tags or {})
         self.children.append(sub)
         yield sub
+
+    def peer(self, name: str, tags: dict[str, str] | None = None) -> Any:
+        return (self.parent or self).child(name, tags)
 
 
 def run_stage_tracked(name: str, fn: Callable[..., dict[str, Any]], params: Any, tracker: Tracker | None = None) -> dict[str, Any]:

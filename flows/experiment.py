@@ -66,18 +66,38 @@ def cell_task(cell: ex.Cell, params_file: str | None) -> dict[str, Any]:
     return {"cell": cell.key, "reused": False, "seconds": seconds}
 
 
+# Dask's defaults suit millisecond tasks: an event-loop tick every 20 ms, a statistical profiler sampling
+# each worker thread every 10 ms, memory and system monitors every 0.1-0.5 s, work stealing every 0.1 s.
+# A cell runs for minutes; on 2 cores those timers held 5% of a core in the driver (scheduler and nannies)
+# beside the cells. Coarser timers for a local cluster (a cluster given by address keeps its own config).
+QUIET_DASK = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing-interval": "1s",
+}
+
+
+def _dask_env(config: dict[str, Any]) -> dict[str, str]:
+    """Dask config as the DASK_* environment variables a spawned worker process reads at import."""
+    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in config.items()}
+
+
 def task_runner(workers: int, address: str | None, gpus_per_cell: int = 0):
+    import dask
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
+    dask.config.set(QUIET_DASK)  # the scheduler and the nannies run in this process
     kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-                              "preload": ["flows.dask_worker_setup"]}
+                              "preload": ["flows.dask_worker_setup"], "env": _dask_env(QUIET_DASK)}
     if os.environ.get("AAPE_CELL_LOGS_TO_PREFECT") != "1":
         # shipping every worker's log lines to the Prefect API cost a quarter of a core per busy worker here
         # (2 cores: cells ran 30% slower side by side); the cells' states still reach the UI, their log
         # lines go to the workers' stderr (the terminal). AAPE_CELL_LOGS_TO_PREFECT=1 ships them.
-        kwargs["env"] = {"PREFECT_LOGGING_TO_API_ENABLED": "false"}
+        kwargs["env"]["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
     if gpus_per_cell:
         import torch
 

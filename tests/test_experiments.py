@@ -105,3 +105,51 @@ def test_a_grid_runs_on_a_two_worker_dask_cluster_and_a_rerun_reuses_every_cell(
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "experiments").rglob("metrics.json")} == before  # nothing recomputed
+
+
+@pytest.mark.slow
+def test_a_grid_runs_on_an_existing_dask_cluster_given_by_address(tmp_path, prefect_server):
+    """A scheduler and a worker started as a user would (`dask scheduler`, `dask worker`), told the Prefect
+    API's address; `--address` sends the cells there, and their results are files the driver reads."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from aape.data.demo import DEMO_CLASSNAMES
+
+    cupl = tmp_path / "cupl.json"
+    cupl.write_text(json.dumps({c: [f"a handwritten {c}."] for c in DEMO_CLASSNAMES}))
+    spec = tmp_path / "two-cells.yaml"
+    spec.write_text(json.dumps({"name": "two-cells", "grid": {"generator.lambda_distill": [0, 5]}, "seeds": [1], "methods": ["aape"],
+                                "overrides": ["generator.schedule.epochs=2", "aggregator.schedule.epochs=2"]}))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(scheduler_file)], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(120):
+            if scheduler_file.is_file() and scheduler_file.read_text().strip():
+                break
+            time.sleep(0.5)
+        address = json.loads(scheduler_file.read_text())["address"]
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        settings = [f"run.output_dir={tmp_path / 'artifacts'}", f"run.cache_dir={tmp_path / 'cache'}", "backbone.model=aape-tiny",
+                    "data.test_per_class=5", "features.augmented_views=2", "aggregator.heads=2", "prompts.source=cupl-json",
+                    f"prompts.file={cupl}", "tracking.enabled=false"]
+        args = ["experiment", "run", str(spec), "--params", str(REPO / "params.yaml"), "--address", address]
+        result = CliRunner().invoke(main, args + [a for s in settings for a in ("-s", s)], env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+        assert result.exit_code == 0, result.output
+        report = (tmp_path / "experiments" / "two-cells" / "report.md").read_text()
+        assert "2 of 2 cells finished" in report
+        for lam in (0, 5):  # written by the external worker, read back by the driver
+            assert (tmp_path / "experiments" / "two-cells" / f"lambda_distill={lam}" / "seed1" / "eval" / "metrics.json").is_file()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)

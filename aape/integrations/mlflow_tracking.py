@@ -130,6 +130,13 @@ class MlflowTracker:
         with open_run(self.client, self.experiment_id, name, {**inherited, **(tags or {}), "mlflow.parentRunId": self.run_id}) as child:
             yield child
 
+    @contextmanager
+    def peer(self, name: str, tags: dict[str, str] | None = None) -> Iterator["MlflowTracker"]:
+        """A run under this run's parent (this run's child when it is a top-level run)."""
+        parent_id = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        with MlflowTracker(self.client, parent_id or self.run_id, self.experiment_id).child(name, tags) as run:
+            yield run
+
 
 @contextmanager
 def open_run(client: Any, experiment_id: str, name: str, tags: dict[str, str]) -> Iterator[MlflowTracker]:

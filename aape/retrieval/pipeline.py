@@ -283,7 +283,7 @@ def _log_means(tracker: Tracker, frame: pd.DataFrame, trained_on: str, params: P
         where = dataset if scope == TASK else f"{trained_on} -> {dataset}"
         tags = {"method": method, "task": TASK, "scope": scope, "dataset": dataset, "aggregate": "mean over seeds",
                 "random_init": str(meta["random_init"]).lower()}
-        with tracker.child(f"{method} · {where} retrieval · mean of {len(group)} seeds", tags=tags) as child:
+        with tracker.peer(f"{method} · {where} retrieval · mean of {len(group)} seeds", tags=tags) as child:
             child.log_params({"method": method, "task": TASK, "dataset": dataset, "train_dataset": trained_on,
                               "backbone": params.backbone.model, "weights": params.backbone.pretrained,
                               "lambda_distill": {"aape": str(params.generator.lambda_distill), "aape-nodistill": "0.0"}.get(method, "n/a"),

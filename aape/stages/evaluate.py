@@ -161,7 +161,7 @@ def _log_method_means(tracker: Tracker, ev: Evaluation, summary: dict[tuple[str,
     for (scope, dataset, method), metrics in summary.items():
         tags = {**_method_tags(scope, dataset, method, ev.info, ev.first.random_init), "aggregate": "mean over seeds"}
         n = max((m.n for m in metrics.values()), default=0)
-        with tracker.child(_child_name(scope, dataset, method, ev.info, f"mean of {n} seeds"), tags=tags) as child:
+        with tracker.peer(_child_name(scope, dataset, method, ev.info, f"mean of {n} seeds"), tags=tags) as child:
             child.log_params({**method_params(method, ev.params, ev.info), "seed": f"mean of {seeds}"})
             values = {}
             for name, value in metrics.items():

@@ -47,7 +47,7 @@ def log_runs(tracker: Tracker, frame: pd.DataFrame, task: str, manifest: dict[st
         where = dataset if scope == task else f"{manifest['dataset']} -> {dataset}"
         tags = {"method": method, "task": task, "scope": scope, "dataset": dataset, "aggregate": "mean over seeds",
                 "random_init": str(meta["random_init"]).lower()}
-        with tracker.child(f"{method} · {where} {task} · {decoding} · mean of {len(group)} seeds", tags=tags) as child:
+        with tracker.peer(f"{method} · {where} {task} · {decoding} · mean of {len(group)} seeds", tags=tags) as child:
             child.log_params({"method": method, "task": task, "dataset": dataset, "train_dataset": manifest["dataset"],
                               "decoding": decoding, "lm": params.prefix.lm, "prefix_tokens": params.prefix.tokens,
                               "aape_tokens": params.prefix.aape_tokens if method != "prefix" else 0,
