@@ -181,3 +181,68 @@ def test_the_prefect_flow_runs_vqa_with_an_mlflow_run_per_model(prefect_server, 
         assert mean.data.params["method"] == method and mean.data.params["lm"] == str(tiny_lm_path)
     assert runs["aape-finetuned · easy-vqa vqa · greedy · mean of 1 seeds"].data.params["lambda_distill"] == "5.0"
     assert "aape-finetuned prefix/seed1" in runs  # the training run, with its curves
+
+
+COLOURS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown", "red", "blue", "green", "yellow")
+
+
+def _coco_vqav2_nocaps(root):
+    """A tiny COCO (Karpathy's split file, train2014/ and val2014/ images), VQAv2's question and
+    annotation files for both subsets, and a NoCaps validation set, in the layouts the datasets ship."""
+    from PIL import Image
+
+    def dump(path, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    karpathy, questions, annotations = [], {"train": [], "val": []}, {"train": [], "val": []}
+    for i, colour in enumerate(COLOURS):
+        subset, split = ("train", "train") if i < 6 else ("val", "val" if i < 9 else "test")
+        name = f"COCO_{subset}2014_{i + 1:012d}.jpg"
+        (root / "coco" / f"{subset}2014").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), colour).save(root / "coco" / f"{subset}2014" / name)
+        karpathy.append({"filepath": f"{subset}2014", "filename": name, "cocoid": i + 1, "split": split, "imgid": i,
+                         "sentences": [{"raw": f"a {colour} shape {w}.", "tokens": []} for w in ("image", "picture", "there", "this", "small")]})
+        for q, (question, answer) in enumerate((("what color is the shape?", colour), ("is there a shape?", "yes"))):
+            qid = (i + 1) * 10 + q
+            questions[subset].append({"image_id": i + 1, "question": question, "question_id": qid})
+            answers = [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]
+            annotations[subset].append({"question_id": qid, "image_id": i + 1, "answers": answers, "multiple_choice_answer": answer})
+    dump(root / "coco" / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
+    for subset in ("train", "val"):
+        dump(root / "vqav2" / f"v2_OpenEnded_mscoco_{subset}2014_questions.json", {"data_subtype": f"{subset}2014", "questions": questions[subset]})
+        dump(root / "vqav2" / f"v2_mscoco_{subset}2014_annotations.json", {"data_subtype": f"{subset}2014", "annotations": annotations[subset]})
+    images, captions = [], []
+    for i, colour in enumerate(("teal", "gray", "black")):
+        (root / "nocaps" / "validation").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), colour).save(root / "nocaps" / "validation" / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "open_images_id": f"{i:016x}", "domain": "out-domain"})
+        captions += [{"image_id": i, "caption": f"a {colour} shape number {k}.", "id": i * 10 + k} for k in range(10)]
+    dump(root / "nocaps" / "nocaps_val_4500_captions.json", {"images": images, "annotations": captions})
+
+
+@pytest.fixture(scope="module")
+def real_layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    _coco_vqav2_nocaps(root)
+    return root
+
+
+def test_captioning_on_coco_is_also_tested_on_nocaps_validation(real_layouts, tmp_path, tiny_lm_path):
+    artifacts, _ = _run(tmp_path, "captioning", tiny_lm_path, "data.dataset=coco", f"data.root={real_layouts}", "run.seeds=[1]",
+                        "evaluation.cross_datasets=[nocaps]", "prefix.decoding=[greedy]")
+    results = pd.read_parquet(artifacts / "eval" / "results.parquet")
+    assert set(zip(results["scope"], results["dataset"])) == {("captioning", "coco"), ("captioning-transfer", "nocaps")}
+    generations = pd.read_parquet(artifacts / "eval" / "generations.parquet")
+    assert len(generations[generations["dataset"] == "coco"]) == 3 * len(METHODS)  # Karpathy's test split: 3 images
+    assert len(generations[generations["dataset"] == "nocaps"]) == 3 * len(METHODS)
+    assert "## nocaps (zero-shot transfer from coco)" in (artifacts / "eval" / "report.md").read_text()
+
+
+def test_vqa_on_vqav2_asks_the_questions_of_karpathys_test_images_with_ten_answers(real_layouts, tmp_path, tiny_lm_path):
+    artifacts, _ = _run(tmp_path, "vqa", tiny_lm_path, "data.dataset=vqav2", f"data.root={real_layouts}", "run.seeds=[1]")
+    test = pd.read_parquet(artifacts / "data" / "vqa_test.parquet")
+    assert sorted(test["image_id"].unique()) == ["10", "11", "12"] and test["answers"].map(len).eq(10).all()
+    assert len(pd.read_parquet(artifacts / "data" / "vqa_train.parquet")) == 12  # 6 train images x 2 questions
+    results = pd.read_parquet(artifacts / "eval" / "results.parquet")
+    assert set(results["dataset"]) == {"vqav2"} and results["vqa_accuracy"].between(0, 100).all()
