@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aape.vl.prefix import IGNORE, Decoding, PrefixMaps, Segment, caption_row, generate, lm_loss, load_language_model, pack, vqa_row
+from aape.vl.prefix import IGNORE, Decoding, PrefixMaps, caption_row, generate, lm_loss, load_language_model, pack, vqa_row
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,8 @@ def read_karpathy(
     path put in front of every image; "" for none); None takes KARPATHY_IMAGE_FOLDERS[dataset].
     Captions are the sentences' `raw` text, stripped; `max_captions` keeps the first n."""
     path = Path(path)
-    data = _load_json(path)
-    entries = _list_field(data, "images", path, 'Karpathy\'s {"images": [...], "dataset": ...}')
+    data = load_json_object(path)
+    entries = list_field(data, "images", path, 'Karpathy\'s {"images": [...], "dataset": ...}')
     dataset = data.get("dataset")
     prefix = _image_prefix(image_root_hint, dataset, path)
     _check_max_captions(max_captions)
@@ -109,12 +109,12 @@ def _karpathy_record(
     if not isinstance(entry, dict):
         raise CaptionFileError(f"{path}: images[{i}] is a {type(entry).__name__}, not an object")
     where = f"{path}: images[{i}]"
-    filename = _text_field(entry, "filename", where)
+    filename = text_field(entry, "filename", where)
     where = f"{where} ({filename})"
-    split = _text_field(entry, "split", where)
+    split = text_field(entry, "split", where)
     if split not in KARPATHY_SPLITS:
         raise CaptionFileError(f"{where} has split {split!r}; Karpathy's splits are {', '.join(KARPATHY_SPLITS)}")
-    folder = _text_field(entry, "filepath", where) if "filepath" in entry else ""  # COCO's train2014/val2014
+    folder = text_field(entry, "filepath", where) if "filepath" in entry else ""  # COCO's train2014/val2014
     relative = PurePosixPath(prefix, folder, filename)
     sentences = entry.get("sentences")
     if not isinstance(sentences, list):
@@ -173,10 +173,10 @@ def read_coco_captions(path: str | Path, *, allow_uncaptioned: bool = False) -> 
             f"and captions_val2014.json (captions_<split><year>.json); rename it accordingly"
         )
     split, folder = match.group(1), match.group(1) + match.group(2)
-    data = _load_json(path)
+    data = load_json_object(path)
     shape = 'COCO\'s {"images": [...], "annotations": [...]}'
-    images = _list_field(data, "images", path, shape)
-    annotations = _list_field(data, "annotations", path, shape)
+    images = list_field(data, "images", path, shape)
+    annotations = list_field(data, "annotations", path, shape)
     names = _coco_images(images, path)
     captions: dict[Any, list[str]] = {image_id: [] for image_id in names}
     for k, annotation in enumerate(annotations):
@@ -195,7 +195,7 @@ def _coco_images(images: list, path: Path) -> dict[Any, str]:
     for i, image in enumerate(images):
         if not isinstance(image, dict) or "id" not in image:
             raise CaptionFileError(f"{path}: images[{i}] is not an object with an 'id'")
-        file_name = _text_field(image, "file_name", f"{path}: images[{i}] (id {image['id']!r})")
+        file_name = text_field(image, "file_name", f"{path}: images[{i}] (id {image['id']!r})")
         if image["id"] in names:
             raise CaptionFileError(f"{path}: images[{i}] repeats image id {image['id']!r}")
         names[image["id"]] = file_name
@@ -216,35 +216,37 @@ def _coco_annotation(annotation: Any, k: int, path: Path) -> tuple[Any, str]:
 # --- shared checks ------------------------------------------------------------------------------
 
 
-def _load_json(path: Path) -> dict:
+def load_json_object(path: Path, label: str = "caption file") -> dict:
+    """A JSON file holding an object; a missing, malformed or non-object file is a CaptionFileError
+    naming it (`label` says what kind of file it is: "caption file", "VQAv2 file", ...)."""
     if not path.is_file():
         raise CaptionFileError(
-            f"caption file {path} does not exist; see aape/data/captions.py for where the files go "
+            f"{label} {path} does not exist; see aape/data/captions.py and aape/vl/data.py for where the files go "
             f"(e.g. <data.root>/coco/dataset_coco.json)"
         )
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
-        raise CaptionFileError(f"caption file {path} is not valid JSON: {exc}; re-download or re-extract it") from None
+        raise CaptionFileError(f"{label} {path} is not valid JSON: {exc}; re-download or re-extract it") from None
     except UnicodeDecodeError as exc:
-        raise CaptionFileError(f"caption file {path} is not UTF-8 text ({exc}); is it the right file?") from None
+        raise CaptionFileError(f"{label} {path} is not UTF-8 text ({exc}); is it the right file?") from None
     if not isinstance(data, dict):
-        raise CaptionFileError(f"caption file {path} holds a JSON {type(data).__name__}, not an object")
+        raise CaptionFileError(f"{label} {path} holds a JSON {type(data).__name__}, not an object")
     return data
 
 
-def _list_field(data: dict, key: str, path: Path, shape: str) -> list:
+def list_field(data: dict, key: str, path: Path, shape: str, label: str = "caption file") -> list:
     value = data.get(key)
     if not isinstance(value, list):
         found = ", ".join(sorted(map(str, data))[:_SHOW]) or "nothing"
-        raise CaptionFileError(f"caption file {path} has no {key!r} list (top-level keys: {found}); expected {shape}")
+        raise CaptionFileError(f"{label} {path} has no {key!r} list (top-level keys: {found}); expected {shape}")
     return value
 
 
-def _text_field(entry: dict, key: str, where: str) -> str:
+def text_field(entry: dict, key: str, where: str) -> str:
     value = entry.get(key)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         raise CaptionFileError(f"{where} has no {key!r} (got {value!r})")
     return value
 

@@ -38,7 +38,6 @@ question, answers as a list of strings), written by write_vqa_split and read by 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aape.atomic import atomic_write_stream
-from aape.data.captions import EASY_VQA_SPLITS, CaptionedImage, CaptionFileError
+from aape.data.captions import EASY_VQA_SPLITS, CaptionedImage, CaptionFileError, list_field, load_json_object, text_field
 from aape.data.images import DataError
 from aape.layout import Layout
 
@@ -134,13 +133,13 @@ def read_vqav2(questions_file: Path, annotations_file: Path, subset: str) -> lis
 
 def _vqa_list(path: Path, key: str, subset: str, official: str) -> list:
     """The file's `key` list, after checking the file is of `subset` (its data_subtype, when given)."""
-    data = _load_json(path, f"VQAv2's {official}")
+    data = load_json_object(path, "VQAv2 file")
     subtype = data.get("data_subtype")
     if subtype is not None and subtype != f"{subset}2014":
         raise CaptionFileError(
             f"{path} holds VQAv2's {subtype!r} data, not {subset}2014; pass {official} for subset {subset!r}"
         )
-    return _list_field(data, key, path, f"VQAv2's {official}")
+    return list_field(data, key, path, f"VQAv2's {official}", "VQAv2 file")
 
 
 def _vqav2_answers(annotations: list, path: Path) -> dict[int, tuple[int, tuple[str, ...]]]:
@@ -173,7 +172,7 @@ def _vqav2_item(
 ) -> VQAItem:  # fmt: skip
     where = f"{questions_file}: questions[{i}]"
     question_id, image_id = _int_field(entry, "question_id", where), _int_field(entry, "image_id", where)
-    question = _text_field(entry, "question", f"{where} (question_id {question_id})").strip()
+    question = text_field(entry, "question", f"{where} (question_id {question_id})").strip()
     if question_id not in answers:
         raise CaptionFileError(
             f"{annotations_file} has no annotation for question_id {question_id} ({where}); pass the "
@@ -215,12 +214,12 @@ def nocaps_domains(path: Path) -> dict[str, str]:
 def _read_nocaps(path: Path) -> tuple[list[CaptionedImage], dict[str, str]]:
     if "nocaps_test" in path.name:  # e.g. nocaps_test_image_info.json
         nocaps_test_refused(path)
-    data = _load_json(path, "NoCaps' nocaps_val_4500_captions.json")
+    data = load_json_object(path, "NoCaps file")
     if "annotations" not in data and isinstance(data.get("images"), list):
         nocaps_test_refused(path)  # the test file (image info only) has no captions to read
     shape = 'NoCaps\' {"images": [...], "annotations": [...]}'
-    images = _list_field(data, "images", path, shape)
-    annotations = _list_field(data, "annotations", path, shape)
+    images = list_field(data, "images", path, shape, "NoCaps file")
+    annotations = list_field(data, "annotations", path, shape, "NoCaps file")
     names, domains = _nocaps_images(images, path)
     captions: dict[int, list[str]] = {image_id: [] for image_id in names}
     for k, annotation in enumerate(annotations):
@@ -228,7 +227,7 @@ def _read_nocaps(path: Path) -> tuple[list[CaptionedImage], dict[str, str]]:
         image_id = _int_field(annotation, "image_id", where)
         if image_id not in captions:
             raise CaptionFileError(f"{where} names image_id {image_id}, which 'images' does not list")
-        captions[image_id].append(_text_field(annotation, "caption", f"{where} (image_id {image_id})").strip())
+        captions[image_id].append(text_field(annotation, "caption", f"{where} (image_id {image_id})").strip())
     _check_captioned(captions, names, path)
     records = [CaptionedImage(f"validation/{names[i]}", tuple(captions[i]), "val", str(i)) for i in names]
     return records, {str(i): domains[i] for i in names}
@@ -244,7 +243,7 @@ def _nocaps_images(images: list, path: Path) -> tuple[dict[int, str], dict[int, 
         where = f"{where} (id {image_id})"
         if image_id in names:
             raise CaptionFileError(f"{where} repeats image id {image_id}")
-        names[image_id] = _text_field(image, "file_name", where)
+        names[image_id] = text_field(image, "file_name", where)
         domain = image.get("domain")
         if domain not in NOCAPS_DOMAINS:
             raise CaptionFileError(f"{where} has domain {domain!r}; NoCaps' domains are {', '.join(NOCAPS_DOMAINS)}")
@@ -311,29 +310,6 @@ def split_by_images(items: list[VQAItem], splits: dict[str, list[CaptionedImage]
 # --- shared checks ------------------------------------------------------------------------------
 
 
-def _load_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CaptionFileError(f"{path} does not exist: expected {what} there (see aape/vl/data.py for the layout)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CaptionFileError(f"{path} is not valid JSON: {exc}; re-download or re-extract it") from None
-    except UnicodeDecodeError as exc:
-        raise CaptionFileError(f"{path} is not UTF-8 text ({exc}); is it {what}?") from None
-    if not isinstance(data, dict):
-        raise CaptionFileError(f"{path} holds a JSON {type(data).__name__}, not an object; is it {what}?")
-    return data
-
-
-def _list_field(data: dict, key: str, path: Path, what: str) -> list:
-    value = data.get(key)
-    if not isinstance(value, list):
-        found = ", ".join(sorted(map(str, data))[:_SHOW]) or "nothing"
-        raise CaptionFileError(f"{path} has no {key!r} list (top-level keys: {found}); is it {what}?")
-    return value
-
-
 def _int_field(entry: Any, key: str, where: str) -> int:
     value = entry.get(key) if isinstance(entry, dict) else None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -341,8 +317,3 @@ def _int_field(entry: Any, key: str, where: str) -> int:
     return value
 
 
-def _text_field(entry: dict, key: str, where: str) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise CaptionFileError(f"{where} has no {key!r} text (got {value!r})")
-    return value

@@ -75,9 +75,9 @@ def vqa_items(name: str, root: str | Path) -> list[vdata.VQAItem]:
     if name == "easy-vqa":
         return vdata.easy_vqa_questions("train") + vdata.easy_vqa_questions("test")
     items: list[vdata.VQAItem] = []
-    for subset, (questions, annotations) in VQAV2_FILES.items():
-        folder = Path(root) / "vqav2"
-        items += vdata.read_vqav2(folder / questions, folder / annotations, subset)
+    folder = Path(root) / "vqav2"
+    for subset, (questions_file, answers_file) in VQAV2_FILES.items():
+        items += vdata.read_vqav2(folder / questions_file, folder / answers_file, subset)
     return items
 
 
