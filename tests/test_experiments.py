@@ -124,7 +124,7 @@ def test_a_grid_runs_on_an_existing_dask_cluster_given_by_address(tmp_path, pref
     cupl.write_text(json.dumps({c: [f"a handwritten {c}."] for c in DEMO_CLASSNAMES}))
     spec = tmp_path / "two-cells.yaml"
     spec.write_text(json.dumps({"name": "two-cells", "grid": {"generator.lambda_distill": [0, 5]}, "seeds": [1], "methods": ["aape"],
-                                "overrides": ["generator.schedule.epochs=2", "aggregator.schedule.epochs=2"]}))
+                                "overrides": ["generator.schedule.epochs=1", "aggregator.schedule.epochs=1"]}))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_TO_API_ENABLED": "false"}
     scheduler_file = tmp_path / "scheduler.json"
