@@ -48,14 +48,14 @@ def _image_text_dataset_problems(params: Params, name: str, setting: str) -> lis
 
         return [] if importlib.util.find_spec("easy_vqa") else [f"{setting} is 'easy-vqa' but the easy-vqa package is not installed: pip install easy-vqa"]
     root = Path(params.data.root)
+    from aape.vl.data import NOCAPS_FILE, VQAV2_FILES
+
     if name == "nocaps":
-        needed = [root / "nocaps" / "nocaps_val_4500_captions.json"]
+        needed = [root / "nocaps" / NOCAPS_FILE]
     else:
         karpathy = "coco" if name == "vqav2" else name
         needed = [root / karpathy / f"dataset_{karpathy}.json"]
         if name == "vqav2":
-            from aape.vl.pipeline import VQAV2_FILES
-
             needed += [root / "vqav2" / f for files in VQAV2_FILES.values() for f in files]
     return [f"{setting}: {path} not found (data.root={params.data.root!r}); see the README, section 'Image-text tasks'"
             for path in needed if not path.is_file()]

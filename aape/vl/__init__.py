@@ -13,5 +13,7 @@ TASKS = ("captioning", "vqa")
 # the compared models: the prefix model without AAPE (LiMBeR), with AAPE from the retrieval stage's h
 # (zero-shot: h unchanged), and with h finetuned on the task's loss plus λ·distill
 METHODS = ("prefix", "aape", "aape-finetuned")
+TITLES = {"prefix": "prefix model without AAPE (LiMBeR)", "aape": "+ AAPE (h from retrieval, zero-shot)",
+          "aape-finetuned": "+ AAPE (h finetuned: λ·distill + task loss)"}
 DATASETS = {"captioning": ("easy-vqa", "coco"), "vqa": ("easy-vqa", "vqav2")}
 TRANSFER_DATASETS = {"captioning": ("nocaps", "coco", "easy-vqa"), "vqa": ()}

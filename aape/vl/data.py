@@ -54,6 +54,10 @@ from aape.layout import Layout
 log = logging.getLogger(__name__)
 
 VQAV2_SUBSETS = ("train", "val")  # the subsets with public answers
+# the files' names as the datasets ship them (under data.root/vqav2/ and data.root/nocaps/)
+VQAV2_FILES = {subset: (f"v2_OpenEnded_mscoco_{subset}2014_questions.json", f"v2_mscoco_{subset}2014_annotations.json")
+               for subset in VQAV2_SUBSETS}
+NOCAPS_FILE = "nocaps_val_4500_captions.json"
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 SCHEMA = pa.schema([
     ("image", pa.string()), ("image_id", pa.string()), ("question_id", pa.string()),

@@ -34,6 +34,7 @@ from aape.layout import Layout
 from aape.method.checkpoint import load_weights, read_checkpoint, write_checkpoint
 from aape.method.objectives import seeded
 from aape.method.training import fit
+from aape.methods.context import backbone_loader
 from aape.retrieval import data as rdata
 from aape.retrieval import pipeline as retrieval
 from aape.retrieval.training import RetrievalSet
@@ -44,12 +45,7 @@ from aape.vl.prefix import Decoding, LanguageModel, PrefixMaps, caption_row, gen
 log = logging.getLogger(__name__)
 
 STEM = "prefix"
-TITLES = {"prefix": "prefix model without AAPE (LiMBeR)", "aape": "+ AAPE (h from retrieval, zero-shot)",
-          "aape-finetuned": "+ AAPE (h finetuned: λ·distill + task loss)"}
 DEFAULT_EPOCHS = 10  # schedule.epochs: auto (LiMBeR trains 15k steps on CC3M; our splits are far smaller)
-NOCAPS_FILE = "nocaps_val_4500_captions.json"
-VQAV2_FILES = {subset: (f"v2_OpenEnded_mscoco_{subset}2014_questions.json", f"v2_mscoco_{subset}2014_annotations.json")
-               for subset in ("train", "val")}
 
 
 # data ------------------------------------------------------------------------------------------------
@@ -60,7 +56,7 @@ def load_dataset(name: str, root: str | Path, max_images: int | None, required: 
     NoCaps has only its validation set, used as a test set)."""
     root = Path(root)
     if name == "nocaps":
-        path = root / "nocaps" / NOCAPS_FILE
+        path = root / "nocaps" / vdata.NOCAPS_FILE
         if not path.is_file():
             raise DataError(f"{path} not found: NoCaps needs its validation captions file there and the images in "
                             f"{root / 'nocaps' / 'validation'} (README, 'Captioning and VQA')")
@@ -76,7 +72,7 @@ def vqa_items(name: str, root: str | Path) -> list[vdata.VQAItem]:
         return vdata.easy_vqa_questions("train") + vdata.easy_vqa_questions("test")
     items: list[vdata.VQAItem] = []
     folder = Path(root) / "vqav2"
-    for subset, (questions_file, answers_file) in VQAV2_FILES.items():
+    for subset, (questions_file, answers_file) in vdata.VQAV2_FILES.items():
         items += vdata.read_vqav2(folder / questions_file, folder / answers_file, subset)
     return items
 
@@ -106,6 +102,7 @@ class Examples:
     image_of: torch.Tensor  # [M] item -> image row
     targets: list[tuple[str, ...]]  # per item: the captions (one drawn per step) or the answer
     questions: list[str] | None = None  # VQA
+    items: list[vdata.VQAItem] | None = None  # VQA: the questions as read, ids and all answers
 
 
 def examples(layout: Layout, task: str, split: str) -> Examples:
@@ -116,7 +113,7 @@ def examples(layout: Layout, task: str, split: str) -> Examples:
     row_of = {r.image_id: i for i, r in enumerate(records)}
     items = vdata.read_vqa_split(layout, split)
     return Examples(features.views, torch.tensor([row_of[q.image_id] for q in items]), [q.answers for q in items],
-                    [q.question for q in items])
+                    [q.question for q in items], items)
 
 
 class PrefixObjective:
@@ -244,16 +241,21 @@ def evaluate(params: Params, summary: dict[str, Any], tracker: Tracker) -> None:
     lm = load_language_model(params.prefix.lm)
     test, meta = retrieval.load_split(layout, "test")
     identity, clip_dim = meta["identity"], int(meta["embed_dim"])
-    targets = [(task, manifest["dataset"], test, rdata.read_split(layout, "test"))] + _transfer_targets(params, layout, meta)
+    load_backbone = backbone_loader(params)  # loaded once, on first use: CLIP-S's text side, transfer sets
+    targets = [(task, manifest["dataset"], test, rdata.read_split(layout, "test"))] + _transfer_targets(params, layout, meta, load_backbone)
+    # what does not depend on the model: the references' CLIP-S embeddings, the VQA splits
+    references = {dataset: _reference_embeddings(params, layout, load_backbone, records) for _, dataset, _, records in targets} \
+        if task == "captioning" else {}
+    vqa = (examples(layout, task, "test"), examples(layout, task, "train")) if task == "vqa" else None
     rows, generations = [], []
     for seed in params.run.seeds:
         for method in params.evaluation.methods:
             maps = load_maps(layout, method, seed, identity, clip_dim, lm)
             for scope, dataset, features, records in targets:
                 if task == "captioning":
-                    scored, generated = _caption_scores(params, layout, lm, maps, features, records, seed, meta)
+                    scored, generated = _caption_scores(params, layout, lm, maps, features, records, seed, load_backbone, references[dataset])
                 else:
-                    scored, generated = _vqa_scores(params, layout, lm, maps, features, records, seed)
+                    scored, generated = _vqa_scores(params, lm, maps, *vqa, seed)
                 for row in scored:
                     rows.append({"scope": scope, "dataset": dataset, "method": method, "seed": seed, **row})
                 generations += [{"scope": scope, "dataset": dataset, "method": method, "seed": seed, **g} for g in generated]
@@ -286,7 +288,7 @@ def _prefixes(maps: PrefixMaps, x: torch.Tensor) -> torch.Tensor:
 
 
 def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: PrefixMaps, features: RetrievalSet,
-                    records: list[CaptionedImage], seed: int, meta: dict[str, Any]):
+                    records: list[CaptionedImage], seed: int, load_backbone, references: tuple[torch.Tensor, torch.Tensor]):
     from aape.vl.metrics import caption_scores, clip_s, ref_clip_s, with_prefix
 
     cfg = params.prefix
@@ -302,9 +304,8 @@ def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: Pre
             captions += generate(lm, [caption_row(lm, p) for p in batch], decoding, seed=seed * 1000 + start)
         keys = [r.image_id for r in records]
         scores = caption_scores(dict(zip(keys, captions)), {r.image_id: list(r.captions) for r in records}, cfg.java_metrics)
-        candidate = _text_embeddings(params, layout, with_prefix(captions))
-        references = _text_embeddings(params, layout, with_prefix([c for r in records for c in r.captions]))
-        padded, counts = _pad(references, [len(r.captions) for r in records])
+        candidate = _text_embeddings(params, layout, load_backbone, with_prefix(captions))
+        padded, counts = references
         rows.append({"decoding": mode, "cider_d": 100 * scores.cider_d, "bleu4": 100 * scores.bleu4, "rouge_l": 100 * scores.rouge_l,
                      "meteor": None if scores.meteor is None else 100 * scores.meteor,
                      "clip_s": 100 * float(clip_s(x, candidate).mean()), "ref_clip_s": 100 * float(ref_clip_s(x, candidate, padded, counts).mean()),
@@ -314,13 +315,11 @@ def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: Pre
     return rows, generated
 
 
-def _vqa_scores(params: Params, layout: Layout, lm: LanguageModel, maps: PrefixMaps, features: RetrievalSet,
-                records: list[CaptionedImage], seed: int):
+def _vqa_scores(params: Params, lm: LanguageModel, maps: PrefixMaps, test: Examples, train: Examples, seed: int):
     from aape.vl.metrics import truncate_answer, vqa_accuracy
 
     cfg = params.prefix
-    test = examples(layout, "vqa", "test")
-    shots = _shots(layout, lm, maps, cfg.vqa_shots, seed)
+    shots = _shots(train, maps, cfg.vqa_shots, seed)
     prefixes = _prefixes(maps, test.views[:, 0])
     answers: list[str] = []
     decoding = Decoding("greedy", max_new_tokens=cfg.max_new_tokens, stop_at_newline=True)
@@ -328,7 +327,7 @@ def _vqa_scores(params: Params, layout: Layout, lm: LanguageModel, maps: PrefixM
         items = range(start, min(start + cfg.eval_batch_size, len(test.image_of)))
         rows = [vqa_row(lm, prefixes[test.image_of[i]], test.questions[i], shots=[s[1:] for s in shots]) for i in items]
         answers += generate(lm, rows, decoding)
-    items = vdata.read_vqa_split(layout, "test")
+    items = test.items
     truncated = [truncate_answer(a, item.answers) for a, item in zip(answers, items)]
     accuracy = [vqa_accuracy(a, item.answers) for a, item in zip(truncated, items)]
     shot_ids = ",".join(s[0] for s in shots)
@@ -339,41 +338,39 @@ def _vqa_scores(params: Params, layout: Layout, lm: LanguageModel, maps: PrefixM
     return rows, generated
 
 
-def _shots(layout: Layout, lm: LanguageModel, maps: PrefixMaps, k: int, seed: int) -> list[tuple[str, torch.Tensor, str, str]]:
+def _shots(train: Examples, maps: PrefixMaps, k: int, seed: int) -> list[tuple[str, torch.Tensor, str, str]]:
     """K in-context examples (question_id, prefix, question, answer) drawn from the training split by seed."""
     if not k:
         return []
-    train = examples(layout, "vqa", "train")
-    items = vdata.read_vqa_split(layout, "train")
+    items = train.items
     picks = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k].tolist()
     prefixes = _prefixes(maps, train.views[train.image_of[picks], 0])
     return [(items[i].question_id, p, items[i].question, items[i].answers[0]) for i, p in zip(picks, prefixes)]
 
 
-def _text_embeddings(params: Params, layout: Layout, texts: list[str]) -> torch.Tensor:
+def _text_embeddings(params: Params, layout: Layout, load_backbone, texts: list[str]) -> torch.Tensor:
     from aape.features.text_encoder import text_features
-    from aape.methods.context import backbone_loader
 
-    backbone = backbone_loader(params)()
-    return text_features(backbone, texts, layout.cache, params.features.text_batch_size)
+    return text_features(load_backbone(), texts, layout.cache, params.features.text_batch_size)
 
 
-def _pad(flat: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    out = flat.new_zeros(len(counts), max(counts), flat.shape[-1])
-    start = 0
-    for i, n in enumerate(counts):
-        out[i, :n] = flat[start:start + n]
-        start += n
-    return out, torch.tensor(counts)
+def _reference_embeddings(params: Params, layout: Layout, load_backbone, records: list[CaptionedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+    """RefCLIP-S's references: [N, n_max, d] embeddings of "A photo depicts <caption>" (padded) and [N] counts."""
+    from aape.retrieval.training import caption_mask
+    from aape.vl.metrics import with_prefix
+
+    flat = _text_embeddings(params, layout, load_backbone, with_prefix([c for r in records for c in r.captions]))
+    counts = torch.tensor([len(r.captions) for r in records])
+    padded = flat.new_zeros(len(records), int(counts.max()), flat.shape[-1])
+    padded[caption_mask(counts, padded.shape[1])] = flat
+    return padded, counts
 
 
-def _transfer_targets(params: Params, layout: Layout, meta: dict[str, Any]) -> list[tuple[str, str, RetrievalSet, list[CaptionedImage]]]:
+def _transfer_targets(params: Params, layout: Layout, meta: dict[str, Any], load_backbone) -> list[tuple[str, str, RetrievalSet, list[CaptionedImage]]]:
     """Captioning test sets of other datasets (e.g. NoCaps val for a COCO-trained model)."""
     if not params.evaluation.cross_datasets:
         return []
-    from aape.methods.context import backbone_loader
-
-    backbone = backbone_loader(params)()
+    backbone = load_backbone()
     if backbone.identity != meta["identity"]:
         raise DataError(f"backbone {backbone.identity!r} is not the one the features were extracted with ({meta['identity']!r})")
     targets = []

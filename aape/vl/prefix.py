@@ -17,6 +17,7 @@ checkpoints and optimiser state hold only the maps and h).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -61,6 +62,13 @@ class LanguageModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    @functools.cached_property
+    def newline_ids(self) -> frozenset[int]:
+        """Every token whose text holds a newline (a VQA answer or a caption ends there): one pass over
+        the vocabulary, once per model, not per decoded batch."""
+        vocab = self.tokenizer.get_vocab()
+        return frozenset(i for token, i in vocab.items() if "\n" in self.tokenizer.convert_tokens_to_string([token]))
 
 
 _LOADED: dict[str, LanguageModel] = {}
@@ -206,7 +214,7 @@ def generate(lm: LanguageModel, rows: Sequence[Sequence[Segment]], decoding: Dec
     """Continue every row (with a KV cache) until <eos>, max_new_tokens or, for VQA, a newline."""
     batch = pack(lm, rows, left_pad=True)
     generator = torch.Generator().manual_seed(seed) if decoding.mode != "greedy" else None
-    stop = {lm.eos_id} | (_newline_ids(lm) if decoding.stop_at_newline else set())
+    stop = {lm.eos_id} | (lm.newline_ids if decoding.stop_at_newline else set())
     mask, positions = batch["attention_mask"], batch["position_ids"]
     out = lm.model(inputs_embeds=batch["inputs_embeds"], attention_mask=mask, position_ids=positions, use_cache=True)
     tokens: list[list[int]] = [[] for _ in rows]
@@ -232,11 +240,6 @@ def _cache_of(out: Any) -> dict[str, Any]:
     """The KV cache of a forward pass as the next call's keyword (transformers 5 names it `cache`, earlier
     versions `past_key_values`)."""
     return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
-
-
-def _newline_ids(lm: LanguageModel) -> set[int]:
-    vocab = lm.tokenizer.get_vocab()
-    return {i for token, i in vocab.items() if "\n" in lm.tokenizer.convert_tokens_to_string([token])}
 
 
 # the rows of each task ----------------------------------------------------------------------------

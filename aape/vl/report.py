@@ -11,6 +11,7 @@ import pandas as pd
 from aape.config import Params
 from aape.evaluation.metrics import mean_std
 from aape.tracking import Tracker
+from aape.vl import TITLES
 
 METRICS = {"captioning": ("cider_d", "bleu4", "rouge_l", "clip_s", "ref_clip_s"), "vqa": ("vqa_accuracy",)}
 HEADERS = {"meteor": "METEOR", "cider_d": "CIDEr-D", "bleu4": "BLEU-4", "rouge_l": "ROUGE-L", "clip_s": "CLIP-S", "ref_clip_s": "RefCLIP-S",
@@ -23,12 +24,6 @@ def metric_names(frame: pd.DataFrame, task: str) -> tuple[str, ...]:
     """The task's metrics, with METEOR when it ran (Java present and prefix.java_metrics on)."""
     ran = task == "captioning" and "meteor" in frame and len(frame) and frame["meteor"].notna().all()
     return METRICS[task] + (("meteor",) if ran else ())
-
-
-def _titles() -> dict[str, str]:
-    from aape.vl.pipeline import TITLES
-
-    return TITLES
 
 
 def metrics(frame: pd.DataFrame, task: str, random_init: bool) -> dict[str, Any]:
@@ -78,7 +73,7 @@ def figure(frame: pd.DataFrame, task: str, path: Path, manifest: dict[str, Any],
         part = means[means["method"] == method].set_index("dataset").reindex(datasets)
         positions = [d + i * width for d in range(len(datasets))]
         bars = ax.bar(positions, part["mean"].fillna(0), width, yerr=part["std"].fillna(0), color=method_colour(method),
-                      label=_titles().get(method, method), edgecolor="black", linewidth=0.6)  # an edge: a 0 bar still shows
+                      label=TITLES.get(method, method), edgecolor="black", linewidth=0.6)  # an edge: a 0 bar still shows
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks([d + 0.4 - width / 2 for d in range(len(datasets))], datasets, fontsize=9)
     ax.set_ylabel(f"{HEADERS[metric]} (greedy)", fontsize=9)
@@ -126,7 +121,7 @@ def render(frame: pd.DataFrame, generated: pd.DataFrame, shown: list[tuple[str, 
                   "|---|---|" + "---|" * len(names)]
         for (method, decoding), group in part.groupby(["method", "decoding"], sort=False):
             cells = [f"{s.mean:.2f} ± {s.std:.2f}" for s in (mean_std(group[m].astype(float).tolist()) for m in names)]
-            lines.append(f"| {_titles().get(method, method)} | {decoding} | " + " | ".join(cells) + " |")
+            lines.append(f"| {TITLES.get(method, method)} | {decoding} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["_The paper's captioning and VQA figures (LiMBeR's RN50x16 with GPT-J, MAGMA's few-shot VQA) are not shown: "
               "this run's backbone and language model differ._", "", "## Plots", "", f"![{task}]({figure_path.as_posix()})", ""]
@@ -157,6 +152,6 @@ def _examples(generated: pd.DataFrame, shown: list[tuple[str, str]], task: str) 
             lines.append(f"Q: {rows['prompt'].iloc[0]}")
         lines.append(f"- references: {'; '.join(rows['references'].iloc[0])}")
         for row in rows.itertuples():
-            lines.append(f"- {_titles().get(row.method, row.method)}: {' '.join(row.output.split()) or '(empty)'}")
+            lines.append(f"- {TITLES.get(row.method, row.method)}: {' '.join(row.output.split()) or '(empty)'}")
         lines.append("")
     return lines
