@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from aape.method import AAPEModel, ClassifierHead, seeded
 from aape.method.model import HEAD_INITS, HEAD_KINDS
+from aape.method import model as model_module
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -195,3 +196,18 @@ def test_zero_shot_start_still_receives_gradients_into_g(kind):
     torch.nn.functional.cross_entropy(model.logits(x, w), torch.arange(5)).backward()
     output_layer = model.head.gain if kind == "full" else model.head.expand.weight
     assert output_layer.grad is not None and output_layer.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("init", HEAD_INITS)
+def test_bottleneck_head_without_autograd_takes_the_in_place_blocks_and_gives_the_same_logits(init, monkeypatch):
+    # evaluation runs the buffered, in-place loop; 130 x 23 pairs in blocks of 256 leave ragged last blocks
+    monkeypatch.setattr("aape.method.model._BLOCK_PAIRS", 256)
+    model = _model("bottleneck", init=init)
+    x, w = _inputs(130, 23, 48)
+    calls = []
+    original = model_module._blocks_in_place
+    monkeypatch.setattr(model_module, "_blocks_in_place", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = model.logits(x, w)
+    assert calls, "the no-grad call did not take the in-place path"
+    torch.testing.assert_close(fast, model.naive_logits(x, w).detach(), rtol=1e-10, atol=1e-10)
