@@ -146,7 +146,11 @@ def template_problem(template: object) -> str | None:
 
 class FeaturesConfig(_Section):
     batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        AUTO,
+        description="image-decoding processes: 'auto' = none on a CPU whose cores the encoder's threads already use, "
+        "one per core (up to 8) beside a GPU; or a number (0 = decode in the encoding process)",
+    )
     augmented_views: int = Field(10, ge=1, description="cached augmented views per training image")
     class_template: str = Field("a photo of a {}.", description="AAPE's class prompt (its training, evaluation and predictions)")
     zeroshot_template: str = Field(
@@ -175,6 +179,19 @@ class FeaturesConfig(_Section):
         if problem:
             raise ValueError(f"must be 'auto' (CoOp's template for data.dataset) or a template; this one {problem}")
         return v
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, v: Any) -> Any:
+        if v == AUTO:
+            return v
+        try:
+            count = int(v)
+        except (TypeError, ValueError):
+            count = -1
+        if count < 0 or isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError("must be 'auto' or a number of decoding processes >= 0 (0 = decode in the encoding process)")
+        return count
 
     @field_validator("ensemble_templates", mode="before")
     @classmethod

@@ -525,3 +525,22 @@ def test_build_backbone_gives_the_same_random_weights_in_every_process(tiny_para
     first, second = build_backbone(tiny_params), build_backbone(tiny_params)
     assert backbone_key(first) == backbone_key(second)
     assert torch.equal(first.encode_texts(["a cloud"]), second.encode_texts(["a cloud"]))
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "cores", "threads", "expected"),
+    [
+        ("auto", "cpu", 2, 2, 0),  # the encoder's threads hold every core: decode in the encoding process
+        ("auto", "cpu", 16, 4, 12),  # cores the threads leave free decode
+        ("auto", "cuda", 16, 16, 8),  # beside a GPU: one per core, at most 8
+        ("auto", "cuda", 4, 4, 3),  # ... leaving one core to the loop feeding the GPU
+        (3, "cpu", 2, 2, 3),  # a number is taken as given
+        (0, "cuda", 16, 16, 0),
+    ],
+)
+def test_num_workers_auto_keeps_decoding_off_the_cores_the_cpu_encoder_uses(requested, device, cores, threads, expected, monkeypatch):
+    from aape.features.image_encoder import decode_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert decode_workers(requested, torch.device(device)) == expected

@@ -243,6 +243,24 @@ def _collate(items: list[tuple[int, tuple[int, ...], torch.Tensor | None, str | 
     return _Batch(torch.cat(pixels) if pixels else torch.empty(0), targets, failures, requested)
 
 
+def decode_workers(requested: int | str, device: torch.device) -> int:
+    """How many decoding processes `features.num_workers` means on this device.
+
+    'auto': on a CPU the encoder's intra-op threads already occupy the cores, and worker processes
+    would preempt them mid-GEMM (a stalled thread holds up the others); decoding and CLIP's
+    preprocessing cost about 1% of a ViT-B's time per image there, so they run in the encoding
+    process, on whatever cores the threads leave free otherwise (benchmarks/bench_features.py
+    measures both). Beside a GPU the CPU is otherwise idle and decoding is the bottleneck: one
+    process per core, up to 8, one core left to the loop that feeds the GPU.
+    """
+    if requested != "auto":
+        return int(requested)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return max(0, cores - torch.get_num_threads())
+    return max(0, min(8, cores - 1))
+
+
 def _usable_workers(requested: int, dataset: Dataset, batches: int) -> int:
     """Worker processes only pay off beyond one batch; spawn-based platforms need picklable transforms."""
     workers = min(requested, max(batches - 1, 0))
@@ -320,7 +338,7 @@ def encode_views(
     specs: Sequence[ViewSpec],
     *,
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     desc: str = "images",
 ) -> tuple[dict[ViewSpec, torch.Tensor], torch.Tensor, list[SkippedImage], dict[str, Any]]:
     """Features of every requested view, from the cache where valid, encoding only what is missing.
@@ -381,7 +399,7 @@ def _encode_jobs(
     states: list[_ViewState],
     jobs: list[tuple[int, tuple[int, ...]]],
     batch_size: int,
-    num_workers: int,
+    num_workers: int | str,
     desc: str,
 ) -> tuple[int, float]:
     for state in states:  # rows about to be re-encoded lose their old status
@@ -397,7 +415,8 @@ def _encode_jobs(
     encoded = 0
     start = last_checkpoint = time.perf_counter()
     try:
-        for batch in _batches(dataset, rows_per_batch, num_workers, pin=backbone.device.type == "cuda"):
+        workers = decode_workers(num_workers, backbone.device)
+        for batch in _batches(dataset, rows_per_batch, workers, pin=backbone.device.type == "cuda"):
             _record_failures(states, batch)
             for chunk_start in range(0, len(batch.targets), batch_size):
                 chunk = batch.pixels[chunk_start : chunk_start + batch_size]
@@ -469,7 +488,7 @@ def image_features(
     aug_seed: int = 0,
     skip_unreadable: bool = False,
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     desc: str = "images",
 ) -> ImageFeatures:
     """Encode image files (root + relative paths) through the cache.
