@@ -280,6 +280,11 @@ class AggregatorSchedule(ScheduleConfig):
 
 class GeneratorSchedule(ScheduleConfig):
     preset: str = Field("aape-generator", description=f"optimiser settings: one of {', '.join(OPTIMISER_PRESETS)}; explicit keys override")
+    h_lr_scale: float = Field(
+        3.0, gt=0,
+        description="classification: h learns at this multiple of lr, g at lr (h is a regression onto p^a that needs "
+        "more steps than g's decay-held head; docs/method.md, Optimisation); 1 = one rate for both",
+    )
 
 
 class AggregatorConfig(_Section):

@@ -354,3 +354,22 @@ def test_broken_checkpoints_are_named(tmp_path):
     (tmp_path / "generator.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not fit the architecture"):
         AAPEModel.load(tmp_path)
+
+
+def test_h_learns_at_h_lr_scale_times_the_learning_rate_and_g_at_the_rate_itself():
+    from aape.config import GeneratorSchedule
+    from aape.method.schedule import make_optimizer, set_lr
+
+    schedule = GeneratorSchedule()
+    assert schedule.h_lr_scale == 3.0  # the default chosen on the proxy benchmark (docs/method.md)
+    model = AAPEModel(16, hidden=4, head_hidden=4, logit_scale=10.0)
+    optimizer = make_optimizer(model.param_groups(schedule.h_lr_scale), schedule)
+    set_lr(optimizer, 0.01)
+    h_group, g_group = optimizer.param_groups
+    assert {id(p) for p in h_group["params"]} == {id(p) for p in model.generator.parameters()}
+    assert {id(p) for p in g_group["params"]} == {id(p) for p in model.head.parameters()}
+    assert h_group["lr"] == pytest.approx(0.03) and g_group["lr"] == pytest.approx(0.01)
+    # plain parameters (every other stage) keep one rate
+    plain = make_optimizer(model.parameters(), schedule)
+    set_lr(plain, 0.01)
+    assert [g["lr"] for g in plain.param_groups] == [0.01]

@@ -277,6 +277,11 @@ class AAPEModel(nn.Module):
         g = sum(p.numel() for p in self.head.parameters())
         return {"h": h, "g": g, "total": h + g}
 
+    def param_groups(self, h_lr_scale: float = 1.0) -> list[dict]:
+        """Optimiser groups: h at `h_lr_scale` times the learning rate, g at the rate itself."""
+        return [{"params": list(self.generator.parameters()), "lr_scale": float(h_lr_scale)},
+                {"params": list(self.head.parameters()), "lr_scale": 1.0}]
+
     def prompt_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """h(x): the image's AAPE, a vector in the joint space."""
         return self.generator(x)

@@ -274,7 +274,10 @@ def train_generator(
     name: str = "generator",
     val_summaries: torch.Tensor | None = None,
 ) -> FitResult:
-    """Train h and g; the model ends holding the kept weights (schedule.select)."""
+    """Train h and g; the model ends holding the kept weights (schedule.select).
+
+    h learns at `schedule.h_lr_scale` times the learning rate, g at the learning rate itself
+    (docs/method.md, "Optimisation")."""
     result = fit(
         model,
         DistillObjective(data, class_text, summaries, lambda_distill, val_summaries),
@@ -287,6 +290,7 @@ def train_generator(
         resume_path=resume_path,
         fingerprint=fingerprint,
         tracker=tracker,
+        param_groups=model.param_groups(getattr(schedule, "h_lr_scale", 1.0)),
     )
     model.load_state_dict(result.best_state)
     return result

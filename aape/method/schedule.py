@@ -23,15 +23,20 @@ def lr_at(epoch: int, schedule: ScheduleConfig, epochs: int) -> float:
     return 0.5 * schedule.lr * (1 + math.cos(math.pi * (epoch - schedule.warmup_epochs) / epochs))
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], schedule: ScheduleConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], schedule: ScheduleConfig) -> torch.optim.Optimizer:
+    """The schedule's optimiser over `params`: parameters, or groups {"params": [...], "lr_scale": s}
+    whose learning rate is s times the schedule's at every epoch (set_lr)."""
+    items = list(params)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
     if schedule.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+        return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     if schedule.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        return torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
     raise ValueError(f"schedule.optimizer '{schedule.optimizer}' is unknown; choose 'sgd' or 'adamw'")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -131,8 +131,12 @@ def fit(
     resume_path: Path | None = None,
     fingerprint: str = "",
     tracker: Tracker | None = None,
+    param_groups: list[dict] | None = None,
 ) -> FitResult:
     """Train `model` on `objective` for `epochs` epochs; return the history and the kept weights.
+
+    `param_groups` ({"params", "lr_scale"}) give parts of the model their own multiple of the
+    schedule's learning rate; by default every parameter follows the schedule.
 
     `schedule.select`: "last" keeps the last epoch (CoOp/Dassl), "best-val" the epoch with the best
     `objective.selection_key` on validation (ties go to the later epoch).
@@ -140,7 +144,7 @@ def fit(
     With `resume_path`, the state after every epoch is saved there atomically, and a run that finds
     a state with the same `fingerprint` continues after its last completed epoch.
     """
-    optimizer = make_optimizer(model.parameters(), schedule)
+    optimizer = make_optimizer(param_groups or model.parameters(), schedule)
     run = _Run(model, objective, optimizer, schedule, epochs, seed, n_items, n_views, name, resume_path, fingerprint,
                tracker or NullTracker())  # fmt: skip
     fresh = _State(history=[], best={"epoch": 0, "key": None, "figures": {}, "state": _state_copy(model)})
