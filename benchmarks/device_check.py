@@ -31,6 +31,7 @@ from aape.backbone import load_backbone  # noqa: E402
 from aape.config import BackboneConfig  # noqa: E402
 from aape.features import image_features  # noqa: E402
 from aape.method import AAPEModel  # noqa: E402
+from bench_features import photo_jpegs  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def timed(fn) -> float:
@@ -41,20 +42,6 @@ def timed(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def jpegs(folder: Path, count: int) -> list[str]:
-    """Photo-sized JPEGs (500 x 375, like ImageNet's), generated: the machine has no datasets."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    names = []
-    for i in range(count):
-        pixels = (torch.rand(375 // 5, 500 // 5, 3, generator=g) * 255).to(torch.uint8)
-        image = Image.fromarray(pixels.numpy()).resize((500, 375), Image.BICUBIC)
-        names.append(f"img{i:04d}.jpg")
-        image.save(folder / names[-1], quality=90)
-    return names
 
 
 def main() -> int:
@@ -79,7 +66,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         root.mkdir()
-        names = jpegs(root, args.images)
+        names = photo_jpegs(root, args.images)
         batches = [pixels] * (args.images // args.batch)
         encoder = len(batches) * args.batch / timed(lambda: [half.encode_images(b) for b in batches])
         runs = iter(range(10))
