@@ -531,7 +531,8 @@ def test_build_backbone_gives_the_same_random_weights_in_every_process(tiny_para
     ("requested", "device", "cores", "threads", "expected"),
     [
         ("auto", "cpu", 2, 2, 0),  # the encoder's threads hold every core: decode in the encoding process
-        ("auto", "cpu", 16, 4, 12),  # cores the threads leave free decode
+        ("auto", "cpu", 16, 12, 4),  # cores the threads leave free decode
+        ("auto", "cpu", 64, 8, 8),  # ... at most 8
         ("auto", "cuda", 16, 16, 8),  # beside a GPU: one per core, at most 8
         ("auto", "cuda", 4, 4, 3),  # ... leaving one core to the loop feeding the GPU
         (3, "cpu", 2, 2, 3),  # a number is taken as given

@@ -248,8 +248,8 @@ def decode_workers(requested: int | str, device: torch.device) -> int:
 
     'auto': on a CPU the encoder's intra-op threads already occupy the cores, and worker processes
     would preempt them mid-GEMM (a stalled thread holds up the others); decoding and CLIP's
-    preprocessing cost about 1% of a ViT-B's time per image there, so they run in the encoding
-    process, on whatever cores the threads leave free otherwise (benchmarks/bench_features.py
+    preprocessing cost 0-3% of a ViT-B's time per image there, so they run in the encoding
+    process, or on the cores the threads leave free, up to 8 (benchmarks/bench_features.py
     measures both). Beside a GPU the CPU is otherwise idle and decoding is the bottleneck: one
     process per core, up to 8, one core left to the loop that feeds the GPU.
     """
@@ -257,7 +257,7 @@ def decode_workers(requested: int | str, device: torch.device) -> int:
         return int(requested)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cpu":
-        return max(0, cores - torch.get_num_threads())
+        return max(0, min(8, cores - torch.get_num_threads()))
     return max(0, min(8, cores - 1))
 
 
