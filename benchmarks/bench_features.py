@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_features.py --quick    # smaller counts, ~2 minutes
 
 Figures, each measured side by side in one run (rounds interleave the measurements so that load
-from other processes hits all of them alike; the best round of each is kept):
-  1. extractor images/s (real JPEGs: decode in workers, preprocess, encode, cache write) beside the
+from other processes hits all of them alike; ratios are the median round's, see below):
+  1. extractor images/s (real JPEGs: decode, preprocess, encode, cache write) beside the
      ceiling = measured matmul GFLOP/s / the model's GFLOP per image.     target >= 85% of ceiling
   2. the same encoder fed pre-decoded tensors: decoding's share of throughput.   target <= 10%
      Also on photo-sized JPEGs (500 x 375, generated: no photo dataset ships here), where decoding
@@ -240,7 +240,7 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (the median round's ratios are reported)")
     parser.add_argument("--images", type=int, default=32, help="images per round and measurement")
     parser.add_argument("--batch-size", type=int, default=8, help="several batches per round, so decoding overlaps encoding as in a real run")
     parser.add_argument("--workers", default="auto", help="decode workers (features.num_workers: 'auto' or a number)")

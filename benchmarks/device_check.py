@@ -65,8 +65,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
-        root.mkdir()
-        names = photo_jpegs(root, args.images)
+        names = photo_jpegs(root, args.images)  # creates the folder
         batches = [pixels] * (args.images // args.batch)
         encoder = len(batches) * args.batch / timed(lambda: [half.encode_images(b) for b in batches])
         runs = iter(range(10))
