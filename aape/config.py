@@ -327,7 +327,13 @@ class PrefixConfig(_Section):
     """run.task captioning / vqa: the LiMBeR-style prefix model and its decoding (docs/method.md, "Captioning and VQA")."""
 
     lm: str = Field("smollm2-135m", description="frozen causal LM: 'smollm2-135m' (offline GGUF), a .gguf file, a local model folder or a HF name")
-    tokens: int = Field(4, ge=1, description="prefix embeddings made from the pooled CLIP image embedding (LiMBeR: 144 from RN50x16's grid)")
+    image_features: Literal["pooled", "grid"] = Field(
+        "pooled", description="what the image tokens are made from: 'pooled' (the CLIP embedding, one linear map to `tokens` "
+        "embeddings) or 'grid' (LiMBeR: the encoder's feature vectors before pooling, each mapped by one shared linear layer; "
+        "144 for RN50x16 at 384 px; cached as float16 memory-maps in run.cache_dir)")
+    tokens: int = Field(4, ge=1, description="prefix embeddings made from the pooled CLIP image embedding (pooled only: "
+                        "a grid gives one token per grid vector)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the image tokens while training (LiMBeR: 0.1)")
     aape_tokens: int = Field(1, ge=1, description="prefix embeddings made from AAPE = h(x), placed after the image's")
     max_target_tokens: int = Field(32, ge=1, description="caption or answer tokens trained on (longer ones are cut)")
     decoding: list[Literal["greedy", "sample"]] = Field(default_factory=lambda: ["greedy", "sample"], min_length=1,

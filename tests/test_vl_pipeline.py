@@ -112,6 +112,30 @@ def test_vqa_answers_are_scored_with_the_vqa_accuracy_and_the_shots_are_recorded
     assert "| Model | Decoding | VQA accuracy |" in report and "2 in-context example(s)" in report
 
 
+@pytest.mark.parametrize("task", ["captioning", "vqa"])
+def test_limbers_grid_prefix_reads_one_token_per_grid_vector_end_to_end(tmp_path, tiny_lm_path, task):
+    """prefix.image_features: grid on a ResNet (aape-tiny-rn: a 2 x 2 grid of 512-wide vectors)."""
+    from safetensors.torch import load_file
+
+    artifacts, output = _run(tmp_path, task, tiny_lm_path, "backbone.model=aape-tiny-rn", "prefix.image_features=grid",
+                             "prefix.dropout=0.1", "run.seeds=[1]", "prefix.vqa_shots=1")
+    assert all(f"[{name}] done" in output for name in STAGES)
+    images = len(pd.read_parquet(artifacts / "data" / "captions_train.parquet"))
+    pointer = json.loads((artifacts / "features" / "grid_train.json").read_text())
+    assert pointer["shape"] == [images, 4, 512] and pointer["dtype"] == "float16"
+    for method in METHODS:
+        folder = artifacts / "generator" / "seed1" / "prefix" / method
+        info = json.loads((folder / "prefix.json").read_text())
+        assert (info["image_features"], info["tokens"], info["grid_channels"], info["dropout"]) == ("grid", 4, 512, 0.1)
+        assert load_file(str(folder / "prefix.safetensors"))["image_map.weight"].shape == (32, 512)  # shared by the 4 tokens
+    report = (artifacts / "eval" / "report.md").read_text()
+    assert "4 image tokens, one per grid vector of the image encoder (512 wide)" in report
+    # maps trained on grids are refused for pooled features, with what to do
+    result = CliRunner().invoke(main, ["evaluate", "--no-track", *_overrides(tmp_path, task, tiny_lm_path, "backbone.model=aape-tiny-rn",
+                                                                             "run.seeds=[1]", "prefix.vqa_shots=1")])
+    assert result.exit_code == 1 and "maps grid image features, prefix.image_features is pooled: re-run distill-generator" in result.output
+
+
 def test_generation_task_settings_are_checked_before_anything_runs():
     with pytest.raises(ConfigError, match="not a captioning dataset"):
         load_params(None, ["run.task=captioning", "data.dataset=flickr30k", "evaluation.methods=[prefix]"])

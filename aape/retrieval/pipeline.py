@@ -110,6 +110,24 @@ def extract_features(params: Params, summary: dict[str, Any]) -> None:
     summary.update(random_init=backbone.random_init, identity=backbone.identity)
 
 
+def extract_grids(params: Params, summary: dict[str, Any]) -> None:
+    """Captioning / VQA with prefix.image_features: grid (LiMBeR's prefix): every split's grids into the
+    feature cache, and features/grid_{split}.json pointing at them; after the pooled features, which h reads."""
+    from aape.features.extract import build_backbone
+    from aape.features.grid import encode_grids, write_pointer
+
+    layout = Layout.from_params(params)
+    manifest = rdata.read_manifest(layout)
+    backbone = build_backbone(params)
+    cfg = params.features
+    for split in rdata.SPLITS:
+        records = rdata.read_split(layout, split)
+        grids = encode_grids(backbone, manifest["image_root"], [r.image for r in records], layout.cache,
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, desc=f"{split} grid")
+        summary["outputs"].append(str(write_pointer(layout, split, grids, {"identity": backbone.identity})))
+        summary[f"grid_{split}"] = list(grids.shape)
+
+
 def encode_split(backbone, root: Path, records, views: int, layout: Layout, params: Params, desc: str) -> RetrievalSet:
     """Image features ([N, V, d] augmented views, or [N, 1, d] the evaluation view) and caption embeddings."""
     from aape.features.image_encoder import image_features

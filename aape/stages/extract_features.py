@@ -26,6 +26,12 @@ def run(params: Params, tracker: Tracker | None = None) -> dict:
 
         with stage("extract-features") as summary:
             retrieval.extract_features(params, summary)
+            if params.run.task != "retrieval" and params.prefix.image_features == "grid":
+                retrieval.extract_grids(params, summary)
+            else:  # features/ holds exactly what this run's settings make
+                from aape.features.grid import remove_pointers
+
+                remove_pointers(layout)
         return summary
     with stage("extract-features") as summary:
         backbone = build_backbone(params)

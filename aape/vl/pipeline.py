@@ -30,6 +30,7 @@ from aape.atomic import atomic_write_json, atomic_write_text
 from aape.config import Params
 from aape.data.captions import CaptionedImage
 from aape.data.images import DataError
+from aape.features.grid import GridFeatures, encode_grids, read_grid
 from aape.layout import Layout
 from aape.method.checkpoint import load_weights, read_checkpoint, write_checkpoint
 from aape.method.objectives import seeded
@@ -103,17 +104,23 @@ class Examples:
     targets: list[tuple[str, ...]]  # per item: the captions (one drawn per step) or the answer
     questions: list[str] | None = None  # VQA
     items: list[vdata.VQAItem] | None = None  # VQA: the questions as read, ids and all answers
+    grid: GridFeatures | None = None  # prefix.image_features: grid: [N, G, C], the evaluation view, memory-mapped
+
+    def inputs(self, images: torch.Tensor, views: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the prefix maps read for these image rows: x [B, d] (view `views`) and the grids [B, G, C] or None."""
+        return self.views[images, views], None if self.grid is None else self.grid.take(images)
 
 
-def examples(layout: Layout, task: str, split: str) -> Examples:
-    features, _ = retrieval.load_split(layout, split)
+def examples(layout: Layout, task: str, split: str, grid: bool = False) -> Examples:
+    features, meta = retrieval.load_split(layout, split)
     records = rdata.read_split(layout, split)
+    grids = read_grid(layout, split, meta["identity"]) if grid else None
     if task == "captioning":
-        return Examples(features.views, torch.arange(len(records)), [r.captions for r in records])
+        return Examples(features.views, torch.arange(len(records)), [r.captions for r in records], grid=grids)
     row_of = {r.image_id: i for i, r in enumerate(records)}
     items = vdata.read_vqa_split(layout, split)
     return Examples(features.views, torch.tensor([row_of[q.image_id] for q in items]), [q.answers for q in items],
-                    [q.question for q in items], items)
+                    [q.question for q in items], items, grids)
 
 
 class PrefixObjective:
@@ -142,9 +149,9 @@ class PrefixObjective:
 
     def loss(self, maps: PrefixMaps, items: torch.Tensor, views: torch.Tensor):
         images = self.train.image_of[items]
-        x = self.train.views[images, views]
+        x, grid = self.train.inputs(images, views)
         prompt = maps.prompt(x)
-        loss = lm_loss(self.lm, pack(self.lm, self._rows(self.train, items, maps(x, prompt), draw=True), left_pad=False))
+        loss = lm_loss(self.lm, pack(self.lm, self._rows(self.train, items, maps(x, prompt, grid), draw=True), left_pad=False))
         figures = {"lm_loss": loss.detach()}
         if self.lam and prompt is not None and prompt.requires_grad:
             distill = ((prompt - self.summaries[images, views]) ** 2).sum(-1).mean()
@@ -158,8 +165,8 @@ class PrefixObjective:
         total, count, batch = 0.0, 0, 32
         for start in range(0, len(self.val.image_of), batch):
             items = torch.arange(start, min(start + batch, len(self.val.image_of)))
-            x = self.val.views[self.val.image_of[items], 0]
-            total += float(lm_loss(self.lm, pack(self.lm, self._rows(self.val, items, maps(x), draw=False), left_pad=False))) * len(items)
+            x, grid = self.val.inputs(self.val.image_of[items])
+            total += float(lm_loss(self.lm, pack(self.lm, self._rows(self.val, items, maps(x, grid=grid), draw=False), left_pad=False))) * len(items)
             count += len(items)
         return {"val_lm_loss": total / max(count, 1)}
 
@@ -170,11 +177,13 @@ class PrefixObjective:
         return {}
 
 
-def build_maps(method: str, params: Params, clip_dim: int, lm: LanguageModel, layout: Layout, seed: int, identity: str) -> PrefixMaps:
+def build_maps(method: str, params: Params, clip_dim: int, lm: LanguageModel, layout: Layout, seed: int, identity: str,
+               grid: GridFeatures | None = None) -> PrefixMaps:
     cfg = params.prefix
     aape = method != "prefix"
-    maps = PrefixMaps(clip_dim, lm.width, cfg.tokens, cfg.aape_tokens if aape else 0, params.generator.hidden,
-                      train_h=method == "aape-finetuned")
+    tokens, channels = (grid.shape[1], grid.shape[2]) if grid is not None else (cfg.tokens, None)
+    maps = PrefixMaps(clip_dim, lm.width, tokens, cfg.aape_tokens if aape else 0, params.generator.hidden,
+                      train_h=method == "aape-finetuned", grid_channels=channels, dropout=cfg.dropout)
     if aape:  # start from the retrieval stage's h (distill-generator)
         query = retrieval.load_query(layout.seed_dir(layout.generator, seed), identity, clip_dim)
         maps.h.load_state_dict(query.h.state_dict())
@@ -185,7 +194,8 @@ def train_prefix_models(params: Params, summary: dict[str, Any], tracker: Tracke
     layout = Layout.from_params(params)
     task, cfg = params.run.task, params.prefix
     lm = load_language_model(cfg.lm)
-    train, val = examples(layout, task, "train"), examples(layout, task, "val")
+    grid = cfg.image_features == "grid"
+    train, val = examples(layout, task, "train", grid), examples(layout, task, "val", grid)
     _, meta = retrieval.load_split(layout, "train")
     clip_dim = int(meta["embed_dim"])
     epochs = cfg.schedule.epochs if cfg.schedule.epochs != "auto" else DEFAULT_EPOCHS
@@ -193,19 +203,20 @@ def train_prefix_models(params: Params, summary: dict[str, Any], tracker: Tracke
         summaries = retrieval.read_tensors_or_none(layout.seed_dir(layout.aggregator, seed) / "summaries.safetensors")
         for method in params.evaluation.methods:
             with seeded(seed):
-                maps = build_maps(method, params, clip_dim, lm, layout, seed, meta["identity"])
+                maps = build_maps(method, params, clip_dim, lm, layout, seed, meta["identity"], train.grid)
             lam = params.generator.lambda_distill if method == "aape-finetuned" else 0.0
             objective = PrefixObjective(lm, train, val, summaries, lam, cfg.max_target_tokens, seed)
             tags = {"seed": str(seed), "method": method, "task": task, "random_init": str(meta["random_init"]).lower()}
             with tracker.child(f"{method} prefix/seed{seed}", tags=tags) as child:
-                child.log_params({"lm": lm.name, "prefix_tokens": cfg.tokens, "aape_tokens": maps.aape_tokens,
+                child.log_params({"lm": lm.name, "image_features": cfg.image_features, "prefix_tokens": maps.tokens, "aape_tokens": maps.aape_tokens,
                                   "trainable_parameters": maps.trainable_parameters(), "lambda_distill": lam})
                 result = fit(maps, objective, n_items=len(train.image_of), n_views=train.views.shape[1], schedule=cfg.schedule,
                              epochs=epochs, seed=seed, name=f"{method} prefix seed {seed}", tracker=child)
             maps.load_state_dict(result.best_state)
             directory = prefix_dir(layout, method, seed)
             facts = {"task": task, "method": method, "lm": lm.name, "lm_width": lm.width, "backbone_identity": meta["identity"],
-                     "embed_dim": clip_dim, "random_init": meta["random_init"], "seed": seed, "tokens": cfg.tokens,
+                     "embed_dim": clip_dim, "random_init": meta["random_init"], "seed": seed, "tokens": maps.tokens,
+                     "image_features": cfg.image_features, "grid_channels": maps.grid_channels, "dropout": cfg.dropout,
                      "aape_tokens": maps.aape_tokens, "hidden": params.generator.hidden, "lambda_distill": lam, "epochs": epochs,
                      "trainable_parameters": maps.trainable_parameters(), "val_lm_loss": result.best_figures.get("val_lm_loss")}
             paths = write_checkpoint(directory, STEM, dict(maps.state_dict()), facts)
@@ -218,13 +229,19 @@ def prefix_dir(layout: Layout, method: str, seed: int) -> Path:
     return layout.seed_dir(layout.generator, seed) / STEM / method
 
 
-def load_maps(layout: Layout, method: str, seed: int, identity: str, clip_dim: int, lm: LanguageModel) -> PrefixMaps:
+def load_maps(layout: Layout, method: str, seed: int, identity: str, clip_dim: int, lm: LanguageModel,
+              image_features: str = "pooled") -> PrefixMaps:
     directory = prefix_dir(layout, method, seed)
     tensors, meta = read_checkpoint(directory, STEM, expect_identity=identity, expect_embed_dim=clip_dim)
     if int(meta["lm_width"]) != lm.width:
         raise DataError(f"{directory} was trained for a language model of width {meta['lm_width']} ({meta['lm']}), "
                         f"not {lm.name}'s {lm.width}: re-run distill-generator with this prefix.lm")
-    maps = PrefixMaps(clip_dim, lm.width, int(meta["tokens"]), int(meta["aape_tokens"]), int(meta["hidden"]))
+    if meta.get("image_features", "pooled") != image_features:
+        raise DataError(f"{directory} maps {meta.get('image_features', 'pooled')} image features, prefix.image_features is "
+                        f"{image_features}: re-run distill-generator with this params.yaml")
+    channels = meta.get("grid_channels")
+    maps = PrefixMaps(clip_dim, lm.width, int(meta["tokens"]), int(meta["aape_tokens"]), int(meta["hidden"]),
+                      grid_channels=int(channels) if channels else None)
     load_weights(maps, tensors, directory)
     return maps.eval()
 
@@ -241,19 +258,23 @@ def evaluate(params: Params, summary: dict[str, Any], tracker: Tracker) -> None:
     lm = load_language_model(params.prefix.lm)
     test, meta = retrieval.load_split(layout, "test")
     identity, clip_dim = meta["identity"], int(meta["embed_dim"])
+    image_features = params.prefix.image_features
+    grid = image_features == "grid"
     load_backbone = backbone_loader(params)  # loaded once, on first use: CLIP-S's text side, transfer sets
-    targets = [(task, manifest["dataset"], test, rdata.read_split(layout, "test"))] + _transfer_targets(params, layout, meta, load_backbone)
+    targets = [(task, manifest["dataset"], test, rdata.read_split(layout, "test"), read_grid(layout, "test", identity) if grid else None)]
+    targets += _transfer_targets(params, layout, meta, load_backbone)
     # what does not depend on the model: the references' CLIP-S embeddings, the VQA splits
-    references = {dataset: _reference_embeddings(params, layout, load_backbone, records) for _, dataset, _, records in targets} \
+    references = {target[1]: _reference_embeddings(params, layout, load_backbone, target[3]) for target in targets} \
         if task == "captioning" else {}
-    vqa = (examples(layout, task, "test"), examples(layout, task, "train")) if task == "vqa" else None
+    vqa = (examples(layout, task, "test", grid), examples(layout, task, "train", grid)) if task == "vqa" else None
     rows, generations = [], []
     for seed in params.run.seeds:
         for method in params.evaluation.methods:
-            maps = load_maps(layout, method, seed, identity, clip_dim, lm)
-            for scope, dataset, features, records in targets:
+            maps = load_maps(layout, method, seed, identity, clip_dim, lm, image_features)
+            for scope, dataset, features, records, grids in targets:
                 if task == "captioning":
-                    scored, generated = _caption_scores(params, layout, lm, maps, features, records, seed, load_backbone, references[dataset])
+                    scored, generated = _caption_scores(params, layout, lm, maps, features, grids, records, seed, load_backbone,
+                                                        references[dataset])
                 else:
                     scored, generated = _vqa_scores(params, lm, maps, *vqa, seed)
                 for row in scored:
@@ -264,6 +285,8 @@ def evaluate(params: Params, summary: dict[str, Any], tracker: Tracker) -> None:
     frame.to_parquet(layout.eval / "results.parquet")
     generated.to_parquet(layout.eval / "generations.parquet")
     pd.DataFrame(columns=["scope", "dataset", "method", "seed", "class_index"]).to_parquet(layout.eval / "per_class.parquet")
+    if grid:  # the report and the MLflow runs say how many image tokens the grid gave
+        meta = {**meta, "image_tokens": targets[0][4].shape[1], "grid_channels": targets[0][4].shape[2]}
     metrics = report.metrics(frame, task, bool(meta["random_init"]))
     atomic_write_json(layout.metrics, metrics)
     report.log_runs(tracker, frame, task, manifest, params, meta)
@@ -282,25 +305,26 @@ def evaluate(params: Params, summary: dict[str, Any], tracker: Tracker) -> None:
         tracker.log_artifact(path, "eval/plots" if path.is_dir() else "eval")
 
 
-def _prefixes(maps: PrefixMaps, x: torch.Tensor) -> torch.Tensor:
+def _prefixes(maps: PrefixMaps, x: torch.Tensor, grid: GridFeatures | None, images: torch.Tensor) -> torch.Tensor:
+    """The prefix embeddings of these image rows (x [N, d] all rows; grids read for these rows only)."""
     with torch.no_grad():
-        return maps(x)
+        return maps(x[images], grid=None if grid is None else grid.take(images))
 
 
 def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: PrefixMaps, features: RetrievalSet,
-                    records: list[CaptionedImage], seed: int, load_backbone, references: tuple[torch.Tensor, torch.Tensor]):
+                    grid: GridFeatures | None, records: list[CaptionedImage], seed: int, load_backbone,
+                    references: tuple[torch.Tensor, torch.Tensor]):
     from aape.vl.metrics import caption_scores, clip_s, ref_clip_s, with_prefix
 
     cfg = params.prefix
     x = features.views[:, 0]
-    prefixes = _prefixes(maps, x)
     rows, generated = [], []
     for mode in cfg.decoding:
         # a caption is one line: a newline ends it, as it ends a VQA answer
         decoding = Decoding(mode, cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop_at_newline=True)
         captions = []
         for start in range(0, len(records), cfg.eval_batch_size):
-            batch = prefixes[start:start + cfg.eval_batch_size]
+            batch = _prefixes(maps, x, grid, torch.arange(start, min(start + cfg.eval_batch_size, len(records))))
             captions += generate(lm, [caption_row(lm, p) for p in batch], decoding, seed=seed * 1000 + start)
         keys = [r.image_id for r in records]
         scores = caption_scores(dict(zip(keys, captions)), {r.image_id: list(r.captions) for r in records}, cfg.java_metrics)
@@ -320,12 +344,12 @@ def _vqa_scores(params: Params, lm: LanguageModel, maps: PrefixMaps, test: Examp
 
     cfg = params.prefix
     shots = _shots(train, maps, cfg.vqa_shots, seed)
-    prefixes = _prefixes(maps, test.views[:, 0])
     answers: list[str] = []
     decoding = Decoding("greedy", max_new_tokens=cfg.max_new_tokens, stop_at_newline=True)
     for start in range(0, len(test.image_of), cfg.eval_batch_size):
         items = range(start, min(start + cfg.eval_batch_size, len(test.image_of)))
-        rows = [vqa_row(lm, prefixes[test.image_of[i]], test.questions[i], shots=[s[1:] for s in shots]) for i in items]
+        prefixes = _prefixes(maps, test.views[:, 0], test.grid, test.image_of[list(items)])
+        rows = [vqa_row(lm, p, test.questions[i], shots=[s[1:] for s in shots]) for i, p in zip(items, prefixes)]
         answers += generate(lm, rows, decoding)
     items = test.items
     truncated = [truncate_answer(a, item.answers) for a, item in zip(answers, items)]
@@ -344,7 +368,7 @@ def _shots(train: Examples, maps: PrefixMaps, k: int, seed: int) -> list[tuple[s
         return []
     items = train.items
     picks = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k].tolist()
-    prefixes = _prefixes(maps, train.views[train.image_of[picks], 0])
+    prefixes = _prefixes(maps, train.views[:, 0], train.grid, train.image_of[picks])
     return [(items[i].question_id, p, items[i].question, items[i].answers[0]) for i, p in zip(picks, prefixes)]
 
 
@@ -366,8 +390,10 @@ def _reference_embeddings(params: Params, layout: Layout, load_backbone, records
     return padded, counts
 
 
-def _transfer_targets(params: Params, layout: Layout, meta: dict[str, Any], load_backbone) -> list[tuple[str, str, RetrievalSet, list[CaptionedImage]]]:
-    """Captioning test sets of other datasets (e.g. NoCaps val for a COCO-trained model)."""
+def _transfer_targets(params: Params, layout: Layout, meta: dict[str, Any], load_backbone
+                      ) -> list[tuple[str, str, RetrievalSet, list[CaptionedImage], GridFeatures | None]]:
+    """Captioning test sets of other datasets (e.g. NoCaps val for a COCO-trained model), with their grids
+    when the prefix maps read grids."""
     if not params.evaluation.cross_datasets:
         return []
     backbone = load_backbone()
@@ -378,7 +404,10 @@ def _transfer_targets(params: Params, layout: Layout, meta: dict[str, Any], load
         data = load_dataset(name, params.data.root, params.data.max_images, required=("test",))
         records = data.splits["test"]
         features = retrieval.encode_split(backbone, data.image_root, records, 0, layout, params, f"{name} test")
-        targets.append((f"{params.run.task}-transfer", name, features, records))
+        grids = encode_grids(backbone, data.image_root, [r.image for r in records], layout.cache, batch_size=params.features.batch_size,
+                             num_workers=params.features.num_workers, desc=f"{name} test grid") \
+            if params.prefix.image_features == "grid" else None
+        targets.append((f"{params.run.task}-transfer", name, features, records, grids))
     return targets
 
 

@@ -1,10 +1,10 @@
 """The prefix model of LiMBeR (Merullo et al., ICLR 2023) with AAPE appended, for captioning and VQA
 (docs/method.md, "Captioning and VQA").
 
-A frozen causal language model reads a prefix of k embeddings made by a trained linear map from the
-frozen CLIP image embedding x, then text. LiMBeR maps RN50x16's grid of 144 feature vectors with one
-linear layer per token; a pooled backbone gives one vector, so here one linear layer maps x to all k
-tokens. AAPE = h(x) (the retrieval stage's h, the paper's 33k parameters) goes through its own linear
+A frozen causal language model reads a prefix of image embeddings made by a trained linear map, then
+text. Two image inputs (`prefix.image_features`): `grid`, LiMBeR's, maps each of the encoder's grid
+vectors before pooling (RN50x16: 144 x 3072) with one linear layer shared by all of them, one LM
+embedding per vector; `pooled` maps the CLIP embedding x with one linear layer to k embeddings. AAPE = h(x) (the retrieval stage's h, the paper's 33k parameters) goes through its own linear
 map to `aape_tokens` more prefix embeddings, placed right after the image tokens:
 
     [image tokens (k)] [AAPE token(s)] [prompt tokens] [target tokens] <eos>
@@ -108,13 +108,16 @@ def _from_hub(spec: str, local_error: Exception) -> tuple[Any, Any]:
 
 
 class PrefixMaps(nn.Module):
-    """What trains: x -> k LM embeddings, and (with AAPE) h(x) -> aape_tokens LM embeddings."""
+    """What trains: the image map (x -> k LM embeddings, or each of G grid vectors -> one), and (with
+    AAPE) h(x) -> aape_tokens LM embeddings."""
 
     def __init__(self, clip_dim: int, lm_width: int, tokens: int, aape_tokens: int = 0, hidden: int = 32,
-                 train_h: bool = False) -> None:
+                 train_h: bool = False, grid_channels: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
-        self.tokens, self.aape_tokens, self.lm_width = tokens, aape_tokens, lm_width
-        self.image_map = nn.Linear(clip_dim, tokens * lm_width)
+        self.tokens, self.aape_tokens, self.lm_width, self.grid_channels = tokens, aape_tokens, lm_width, grid_channels
+        # LiMBeR: one nn.Linear(3072, LM width) applied to every grid vector (its image_prefix.py)
+        self.image_map = nn.Linear(grid_channels, lm_width) if grid_channels else nn.Linear(clip_dim, tokens * lm_width)
+        self.dropout = nn.Dropout(dropout)
         self.h = PromptGenerator(clip_dim, hidden) if aape_tokens else None
         self.aape_map = nn.Linear(clip_dim, aape_tokens * lm_width) if aape_tokens else None
         if self.h is not None and not train_h:
@@ -128,9 +131,17 @@ class PrefixMaps(nn.Module):
         """h(x), the AAPE vector that distillation pulls towards p^a (None without AAPE)."""
         return None if self.h is None else self.h(x)
 
-    def forward(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, d] image embeddings -> [B, k (+ aape_tokens), lm_width] prefix embeddings."""
-        prefix = self.image_map(x).view(len(x), self.tokens, self.lm_width)
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d] image embeddings (and [B, G, C] grid vectors with a grid map) -> [B, k or G (+ aape_tokens),
+        lm_width] prefix embeddings."""
+        if self.grid_channels:
+            if grid is None or grid.shape[1:] != (self.tokens, self.grid_channels):
+                got = None if grid is None else tuple(grid.shape[1:])
+                raise ValueError(f"this prefix map reads grids of {self.tokens} x {self.grid_channels} vectors, got {got}")
+            prefix = self.image_map(grid)
+        else:
+            prefix = self.image_map(x).view(len(x), self.tokens, self.lm_width)
+        prefix = self.dropout(prefix)
         if self.h is None:
             return prefix
         prompt = self.h(x) if prompt is None else prompt

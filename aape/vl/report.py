@@ -44,7 +44,8 @@ def log_runs(tracker: Tracker, frame: pd.DataFrame, task: str, manifest: dict[st
                 "random_init": str(meta["random_init"]).lower()}
         with tracker.peer(f"{method} · {where} {task} · {decoding} · mean of {len(group)} seeds", tags=tags) as child:
             child.log_params({"method": method, "task": task, "dataset": dataset, "train_dataset": manifest["dataset"],
-                              "decoding": decoding, "lm": params.prefix.lm, "prefix_tokens": params.prefix.tokens,
+                              "decoding": decoding, "lm": params.prefix.lm, "image_features": params.prefix.image_features,
+                              "prefix_tokens": meta.get("image_tokens", params.prefix.tokens),
                               "aape_tokens": params.prefix.aape_tokens if method != "prefix" else 0,
                               "backbone": params.backbone.model, "weights": params.backbone.pretrained,
                               "lambda_distill": str(params.generator.lambda_distill) if method == "aape-finetuned" else "n/a"})
@@ -87,6 +88,13 @@ def figure(frame: pd.DataFrame, task: str, path: Path, manifest: dict[str, Any],
     return path
 
 
+def _image_tokens(cfg, meta: dict[str, Any]) -> str:
+    if cfg.image_features == "grid":
+        return (f"{meta['image_tokens']} image tokens, one per grid vector of the image encoder ({meta['grid_channels']} wide) "
+                "through one shared linear map (LiMBeR)")
+    return f"{cfg.tokens} image token(s) from CLIP's pooled embedding"
+
+
 def render(frame: pd.DataFrame, generated: pd.DataFrame, shown: list[tuple[str, str]], task: str, manifest: dict[str, Any],
            meta: dict[str, Any], params: Params, lm_name: str, figure_path: Path) -> str:
     from aape.backbone import RANDOM_INIT_NOTICE
@@ -99,7 +107,7 @@ def render(frame: pd.DataFrame, generated: pd.DataFrame, shown: list[tuple[str, 
     cfg = params.prefix
     lines += [f"# AAPE evaluation: {'image captioning' if task == 'captioning' else 'visual question answering'} on {manifest['dataset']}", "",
               f"- Backbone: identity `{meta['identity']}`{' (' + RANDOM_INIT_NOTICE + ')' if meta['random_init'] else ''}",
-              f"- Language model (frozen): `{lm_name}`; prefix: {cfg.tokens} image token(s) from CLIP's pooled embedding, "
+              f"- Language model (frozen): `{lm_name}`; prefix: {_image_tokens(cfg, meta)}, "
               f"+ {cfg.aape_tokens} AAPE token(s) from h(x) after them; seeds {', '.join(map(str, params.run.seeds))}",
               "- Mean ± population std over seeds, in %."]
     if task == "captioning":
