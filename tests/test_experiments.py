@@ -153,3 +153,23 @@ def test_a_grid_runs_on_an_existing_dask_cluster_given_by_address(tmp_path, pref
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_the_temporary_prefect_server_of_an_experiment_runs_only_the_services_it_needs(monkeypatch, prefect_server):
+    """No UI, deployments or automations on it: their watchers would only take CPU from the cells. It is
+    the experiment's own: a temporary server the process already had (here the test harness's) keeps running."""
+    import os
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.experiment import IDLE_SERVER_SERVICES, _shared_prefect_api
+
+    harness = PREFECT_API_URL.value()
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with _shared_prefect_api():
+        ours = os.environ["PREFECT_API_URL"]
+        services = httpx.get(f"{ours}/admin/settings", timeout=30).json()["server"]["services"]
+    assert ours != harness and not any(services[name]["enabled"] for name in IDLE_SERVER_SERVICES)
+    assert services["task_run_recorder"]["enabled"] and services["event_persister"]["enabled"]  # states still recorded
+    assert httpx.get(f"{harness}/health", timeout=30).status_code == 200
