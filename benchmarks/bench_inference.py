@@ -103,22 +103,28 @@ def cached_features(model: AAPEModel, text: torch.Tensor, n: int, batch: int, lo
         finally:
             model_module._BLOCK_PAIRS = saved
 
-    def training_loop():  # the same head through the autograd-friendly block loop training uses
+    def training_loop():  # the same head through the autograd-friendly block loop training uses, its blocks and all
         saved = model_module._blocks_in_place
-        model_module._blocks_in_place = model_module._blocks_differentiable
+
+        def differentiable(dots_all, x_expand, image_part, part, images, classes):
+            shape = model_module.block_shape(*dots_all.shape, tracked=True)
+            return model_module._blocks_differentiable(dots_all, x_expand, image_part, part, *shape)
+
+        model_module._blocks_in_place = differentiable
         try:
             aape()
         finally:
             model_module._blocks_in_place = saved
 
-    k, block = class_part.gram.shape[0], model_module._BLOCK_PAIRS
-    pairs_block, quad_block = torch.randn(block, k), torch.empty(block, k)
-    blocks_per_batch = -(-batch * text.shape[0] // block)
+    k, C = class_part.gram.shape[0], text.shape[0]
+    images, classes = model_module.block_shape(batch, C, tracked=False)
+    act_block, quad_block = torch.randn(images, k, classes), torch.empty(images, k, classes)
+    blocks_per_batch = -(-batch // images) * -(-C // classes)
 
-    def quadratic_form_only():  # the k x k GEMM every exact fp32 form of the head needs, in the head's cache-sized blocks
+    def quadratic_form_only():  # the k x k GEMM every exact fp32 form of the head needs, in the head's blocks
         for _ in range(0, n, batch):
             for _ in range(blocks_per_batch):
-                torch.mm(pairs_block, class_part.gram, out=quad_block)
+                torch.matmul(class_part.gram, act_block, out=quad_block)
 
     def naive():
         for s in range(0, naive_n, naive_batch):

@@ -200,8 +200,10 @@ def test_zero_shot_start_still_receives_gradients_into_g(kind):
 
 @pytest.mark.parametrize("init", HEAD_INITS)
 def test_bottleneck_head_without_autograd_takes_the_in_place_blocks_and_gives_the_same_logits(init, monkeypatch):
-    # evaluation runs the buffered, in-place loop; 130 x 23 pairs in blocks of 256 leave ragged last blocks
+    # evaluation runs the buffered, in-place, k-major loop; 130 images x 23 classes in blocks of 25 images x
+    # 10 classes leave ragged last blocks both ways
     monkeypatch.setattr("aape.method.model._BLOCK_PAIRS", 256)
+    monkeypatch.setattr("aape.method.model._BLOCK_CLASSES", 10)
     model = _model("bottleneck", init=init)
     x, w = _inputs(130, 23, 48)
     calls = []
