@@ -22,8 +22,9 @@ No (batch × classes × 2d) tensor is ever built; `naive_logits` builds it, for 
 Why the bottleneck path works in blocks: its per-pair work is one k × k quadratic form rᵀ(VᵀV)r
 (k² = 1024 multiply-adds at k = 32, twice zero-shot's d = 512) plus a few k-wide passes. On a CPU the
 k-wide passes are memory-bound when the [B, C, k] tensor spills out of cache; blocks of
-`_BLOCK_PAIRS` (image, class) pairs keep it in L2. Without autograd (evaluation) the blocks are laid
-out k-major ([images, k, classes]: the quadratic form one batched GEMM, the sums over k vectorised
+`_BLOCK_PAIRS` (image, class) pairs keep it in L2. Without autograd (evaluation), float32 on the CPU,
+the whole per-pair work runs as one compiled loop (aape.method.fused_head: 1.75x these blocks in
+bench_inference); where it cannot be built the blocks are laid out k-major ([images, k, classes]: the quadratic form one batched GEMM, the sums over k vectorised
 across classes instead of over a 32-wide last axis; 1.2-1.4x the [pairs, k] loop side by side), reuse
 two buffers and update in place. benchmarks/bench_inference.py prints the head beside one [B, C, k]
 tensor and beside the quadratic form's GEMM alone, which by itself runs at about 0.5x zero-shot's
@@ -33,7 +34,7 @@ Everything class-only (VᵀV, 2Vᵀ(t_i + c), |t_i + c|²) is computed once in `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aape.method import fused_head
 from aape.method.checkpoint import CheckpointError, load_weights, read_checkpoint, write_checkpoint
 
 HeadKind = Literal["bottleneck", "full"]
@@ -75,6 +77,15 @@ class ClassPart:
     gram: torch.Tensor | None = None  # [k, k] VᵀV
     linear: torch.Tensor | None = None  # [C, k] 2Vᵀ(c + t_i), t_i = w_i in the residual form, 0 otherwise
     const: torch.Tensor | None = None  # [C] |c + t_i|²
+    _fused: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    def fused_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The fused loop's class-major copies (aape.method.fused_head): pre and linear as [k, C], VᵀV's
+        upper triangle with its off-diagonal doubled, the constants; made once per class part."""
+        if self._fused is None:
+            upper = torch.triu(self.gram, 1) * 2 + torch.diag(torch.diagonal(self.gram))
+            self._fused = (self.pre.T.contiguous(), self.linear.T.contiguous(), upper.contiguous(), self.const.contiguous())
+        return self._fused
 
 
 class ClassifierHead(nn.Module):
@@ -128,7 +139,7 @@ class ClassifierHead(nn.Module):
         """cos(x, w_i(x)) for every pair, [B, C], from the two parts."""
         x_norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         if self.expand is not None:
-            return self._bottleneck_cosine(x, part, image_part) / x_norm
+            return self._bottleneck_cosine(x, part, image_part, x_norm)
         act = torch.relu_(part.pre.unsqueeze(0) + image_part.unsqueeze(1))  # [B, C, d], the only per-pair tensor
         dots = torch.bmm(act, x.unsqueeze(-1)).squeeze(-1)  # x·z
         sq_norms = act.pow(2).sum(-1)  # |z|²
@@ -141,8 +152,8 @@ class ClassifierHead(nn.Module):
         w_norm = sq_norms.clamp_min(_EPS**2).sqrt()
         return dots / (x_norm * w_norm)
 
-    def _bottleneck_cosine(self, x: torch.Tensor, part: ClassPart, image_part: torch.Tensor) -> torch.Tensor:
-        """x·w_i(x) / |w_i(x)| for every pair, in blocks of pairs that stay in cache.
+    def _bottleneck_cosine(self, x: torch.Tensor, part: ClassPart, image_part: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+        """cos(x, w_i(x)) = x·w_i(x) / (|w_i(x)| |x|) for every pair, in blocks of pairs that stay in cache.
 
         w_i(x) = o_i + V·r with o_i = c + t_i and r = ReLU(pre_i + image_part): x·w = x·o_i + (Vᵀx)·r
         and |w|² = |o_i|² + r·(VᵀV·r + 2Vᵀo_i).
@@ -154,8 +165,10 @@ class ClassifierHead(nn.Module):
         tracked = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, image_part, part.pre, part.gram, part.linear, part.const)
         )
+        if fused_head.usable(part, x, tracked):
+            return fused_head.cosine(part, x_expand, image_part, dots_all, x_norm)
         blocks = _blocks_differentiable if tracked else _blocks_in_place
-        return blocks(dots_all, x_expand, image_part, part, *block_shape(B, C, tracked))
+        return blocks(dots_all, x_expand, image_part, part, *block_shape(B, C, tracked)) / x_norm
 
 
 def block_shape(images: int, classes: int, tracked: bool) -> tuple[int, int]:
