@@ -2,10 +2,11 @@
 
 `ClassifierHead`'s blocked PyTorch path runs eight ATen calls per block, each a pass over a
 [images, k, classes] tensor; at k = 32 those passes, not the k x k quadratic form, take most of the
-time (about 0.13x zero-shot's images per second at 1000 classes on a 2-core CPU). This loop does a
+time (about 0.15x zero-shot's images per second at 1000 classes on a 2-core CPU). This loop does a
 pair's whole work in registers, 16 classes per vector lane group, and uses VᵀV's symmetry
 (rᵀGr = Σ_j r_j (G_jj r_j + 2 Σ_{m>j} G_jm r_m)), so the form costs 640 multiply-adds a pair instead of
-1,024; benchmarks/bench_inference.py measures it beside zero-shot (0.31-0.34x in a scratch run).
+1,024; benchmarks/bench_inference.py measures it beside zero-shot (0.357x, the PyTorch blocks 0.155x,
+in one run of 2026-12-02).
 
 It is compiled on first use with torch's C++ extension loader (a C++ compiler and ninja needed;
 about 20 s, then cached by torch under ~/.cache/torch_extensions, one build per CPU type because it is
@@ -162,9 +163,11 @@ def _compiled():
 
     name = f"aape_fused_head_{hashlib.sha256(_SOURCE.encode()).hexdigest()[:8]}_{_cpu_signature()}"
     try:
+        # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (without it the loop runs on one
+        # thread); the extension then shares the libgomp.so.1 torch has already loaded
         _state["module"] = load_inline(name, cpp_sources=_SOURCE, functions=["cosine"],
-                                       extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno"],
-                                       verbose=False)
+                                       extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"],
+                                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the PyTorch path does the same maths
         _state["failure"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
     return _state["module"]

@@ -23,7 +23,7 @@ Why the bottleneck path works in blocks: its per-pair work is one k × k quadrat
 (k² = 1024 multiply-adds at k = 32, twice zero-shot's d = 512) plus a few k-wide passes. On a CPU the
 k-wide passes are memory-bound when the [B, C, k] tensor spills out of cache; blocks of
 `_BLOCK_PAIRS` (image, class) pairs keep it in L2. Without autograd (evaluation), float32 on the CPU,
-the whole per-pair work runs as one compiled loop (aape.method.fused_head: 1.75x these blocks in
+the whole per-pair work runs as one compiled loop (aape.method.fused_head: 2.3x these blocks in
 bench_inference); where it cannot be built the blocks are laid out k-major ([images, k, classes]: the quadratic form one batched GEMM, the sums over k vectorised
 across classes instead of over a 32-wide last axis; 1.2-1.4x the [pairs, k] loop side by side), reuse
 two buffers and update in place. benchmarks/bench_inference.py prints the head beside one [B, C, k]
