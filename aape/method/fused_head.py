@@ -9,7 +9,7 @@ pair's whole work in registers, 16 classes per vector lane group, and uses VᵀV
 in one run of 2026-12-02).
 
 It is compiled on first use with torch's C++ extension loader (a C++ compiler and ninja needed;
-about 20 s, then cached by torch under ~/.cache/torch_extensions, one build per CPU type because it is
+about 25 s, then cached by torch under ~/.cache/torch_extensions, one build per CPU type because it is
 built with -march=native) and runs only where it gives the same numbers as the PyTorch path: no
 autograd, float32 on the CPU, k in FUSED_WIDTHS. Threads: ATen's pool (torch.set_num_threads).
 `AAPE_FUSED_HEAD`: `auto` (default: use it when it compiles, else say once why not and use PyTorch),
@@ -191,7 +191,7 @@ def usable(part, x: torch.Tensor, tracked: bool) -> bool:
                                  "install a C++ compiler and ninja, or unset AAPE_FUSED_HEAD")
         if not _state["warned"]:
             log.warning("the fused AAPE head did not build (%s): evaluating with the PyTorch head, same logits, "
-                        "about 2.5x slower at 1000 classes (AAPE_FUSED_HEAD=off silences this)", _state["failure"])
+                        "about 2.3x slower at 1000 classes (AAPE_FUSED_HEAD=off silences this)", _state["failure"])
             _state["warned"] = True
         return False
     return True

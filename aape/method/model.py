@@ -24,9 +24,9 @@ Why the bottleneck path works in blocks: its per-pair work is one k × k quadrat
 k-wide passes are memory-bound when the [B, C, k] tensor spills out of cache; blocks of
 `_BLOCK_PAIRS` (image, class) pairs keep it in L2. Without autograd (evaluation), float32 on the CPU,
 the whole per-pair work runs as one compiled loop (aape.method.fused_head: 2.3x these blocks in
-bench_inference); where it cannot be built the blocks are laid out k-major ([images, k, classes]: the quadratic form one batched GEMM, the sums over k vectorised
-across classes instead of over a 32-wide last axis; 1.2-1.4x the [pairs, k] loop side by side), reuse
-two buffers and update in place. benchmarks/bench_inference.py prints the head beside one [B, C, k]
+bench_inference); where it cannot be built the blocks are laid out k-major ([images, k, classes]:
+the quadratic form one batched GEMM, the sums over k vectorised across classes instead of over a
+32-wide last axis; 1.2-1.4x the [pairs, k] loop side by side), reuse two buffers and update in place. benchmarks/bench_inference.py prints the head beside one [B, C, k]
 tensor and beside the quadratic form's GEMM alone, which by itself runs at about 0.5x zero-shot's
 rate on cached features (0.46-0.66x measured): the bound for any exact float32 form of this head.
 Everything class-only (VᵀV, 2Vᵀ(t_i + c), |t_i + c|²) is computed once in `class_part`.

@@ -90,7 +90,8 @@ def write_caption_prompts(params: Params, summary: dict[str, Any]) -> None:
 # extract-features ------------------------------------------------------------------------------
 
 
-def extract_features(params: Params, summary: dict[str, Any]) -> None:
+def extract_features(params: Params, summary: dict[str, Any]):
+    """Every split's features; returns the backbone it loaded (extract_grids reuses it)."""
     from aape.features.extract import build_backbone
 
     layout = Layout.from_params(params)
@@ -108,17 +109,16 @@ def extract_features(params: Params, summary: dict[str, Any]) -> None:
     atomic_write_json(layout.features / "index.json", {**meta, "seeds": list(params.run.seeds)})
     summary["outputs"].append(str(layout.features / "index.json"))
     summary.update(random_init=backbone.random_init, identity=backbone.identity)
+    return backbone
 
 
-def extract_grids(params: Params, summary: dict[str, Any]) -> None:
+def extract_grids(params: Params, summary: dict[str, Any], backbone) -> None:
     """Captioning / VQA with prefix.image_features: grid (LiMBeR's prefix): every split's grids into the
     feature cache, and features/grid_{split}.json pointing at them; after the pooled features, which h reads."""
-    from aape.features.extract import build_backbone
     from aape.features.grid import encode_grids, write_pointer
 
     layout = Layout.from_params(params)
     manifest = rdata.read_manifest(layout)
-    backbone = build_backbone(params)
     cfg = params.features
     for split in rdata.SPLITS:
         records = rdata.read_split(layout, split)

@@ -25,9 +25,9 @@ def run(params: Params, tracker: Tracker | None = None) -> dict:
         from aape.retrieval import pipeline as retrieval
 
         with stage("extract-features") as summary:
-            retrieval.extract_features(params, summary)
+            backbone = retrieval.extract_features(params, summary)
             if params.run.task != "retrieval" and params.prefix.image_features == "grid":
-                retrieval.extract_grids(params, summary)
+                retrieval.extract_grids(params, summary, backbone)
             else:  # features/ holds exactly what this run's settings make
                 from aape.features.grid import remove_pointers
 

@@ -318,14 +318,16 @@ def _caption_scores(params: Params, layout: Layout, lm: LanguageModel, maps: Pre
 
     cfg = params.prefix
     x = features.views[:, 0]
+    # a caption is one line: a newline ends it, as it ends a VQA answer
+    decodings = {mode: Decoding(mode, cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop_at_newline=True) for mode in cfg.decoding}
+    captions_by_mode: dict[str, list[str]] = {mode: [] for mode in cfg.decoding}
+    for start in range(0, len(records), cfg.eval_batch_size):
+        # each batch's prefixes (its grids read from disk) once, for every decoding
+        batch = _prefixes(maps, x, grid, torch.arange(start, min(start + cfg.eval_batch_size, len(records))))
+        for mode, decoding in decodings.items():
+            captions_by_mode[mode] += generate(lm, [caption_row(lm, p) for p in batch], decoding, seed=seed * 1000 + start)
     rows, generated = [], []
-    for mode in cfg.decoding:
-        # a caption is one line: a newline ends it, as it ends a VQA answer
-        decoding = Decoding(mode, cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop_at_newline=True)
-        captions = []
-        for start in range(0, len(records), cfg.eval_batch_size):
-            batch = _prefixes(maps, x, grid, torch.arange(start, min(start + cfg.eval_batch_size, len(records))))
-            captions += generate(lm, [caption_row(lm, p) for p in batch], decoding, seed=seed * 1000 + start)
+    for mode, captions in captions_by_mode.items():
         keys = [r.image_id for r in records]
         scores = caption_scores(dict(zip(keys, captions)), {r.image_id: list(r.captions) for r in records}, cfg.java_metrics)
         candidate = _text_embeddings(params, layout, load_backbone, with_prefix(captions))
