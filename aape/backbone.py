@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms as T
 
+from aape.allocator import retain_freed_memory
 from aape.config import BackboneConfig
 from aape.errors import AAPEError
 from aape.network import host_reachable
@@ -307,6 +308,8 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "auto", imag
         raise BackboneError(_unknown_model(cfg.model))
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = _resolve_dtype(cfg.precision, device)
+    if device.type == "cpu":
+        retain_freed_memory()  # no fresh pages to fault in for every batch's activations (aape/allocator.py)
     pretrained: str | None
     if cfg.pretrained == RANDOM_INIT:
         pretrained, weights_id = None, RANDOM_INIT
