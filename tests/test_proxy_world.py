@@ -51,6 +51,20 @@ def test_embeddings_sit_in_two_narrow_cones_with_clip_like_cosines(clip_like):
     assert image_image > 0.35 and text_text > 0.35 and unmatched < 0.15
 
 
+def test_the_worlds_truth_is_how_its_images_were_drawn_and_the_sub_mode_view_transfers(clip_like):
+    """world.truth (for oracle probes): classes seen in the image's sub-mode classify new classes far
+    better than their names, and the sub-mode traces lie outside the concepts' subspace."""
+    w, truth = clip_like, clip_like.truth
+    assert truth.views.shape == truth.modes.shape == (w.spec.num_classes, w.spec.modes, w.spec.dim)
+    assert torch.allclose(truth.traces.norm(dim=-1), torch.full((w.spec.modes,), w.spec.mode_style))
+    concept_basis = torch.linalg.svd(truth.concepts, full_matrices=False)[2][: w.spec.rank]  # [r, d]
+    assert (truth.traces @ concept_basis.T).norm(dim=-1).max() < 0.3 * w.spec.mode_style  # mostly outside (concepts are 95% inside)
+    images, classes = w.test_new, torch.tensor(w.new)
+    by_view = truth.text_embedding(truth.views[classes][:, images.modes].transpose(0, 1))  # [N, C, d]
+    view_accuracy = (classes[torch.einsum("nd,ncd->nc", images.features, by_view).argmax(1)] == images.labels).float().mean() * 100
+    assert view_accuracy > _accuracy(w, w.class_text, "new") + 10
+
+
 def test_descriptions_mix_the_four_kinds_per_class(clip_like):
     spec, w = clip_like.spec, clip_like
     per_class = torch.bincount(w.description_class)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -168,6 +169,17 @@ class ImageSet:
 
 
 @dataclass
+class WorldTruth:
+    """The noise-free structure behind a world, for probes that ask what an oracle could reach."""
+
+    concepts: torch.Tensor  # [C, d] class concepts (content, before any modality)
+    views: torch.Tensor  # [C, K, d] each concept in each sub-mode: the shared rotation and trace only
+    traces: torch.Tensor  # [K, d] each sub-mode's class-independent trace (included in views)
+    modes: torch.Tensor  # [C, K, d] the sub-mode centres images are drawn around (views + class-specific spread)
+    text_embedding: Callable[[torch.Tensor], torch.Tensor]  # content -> the text side's embedding
+
+
+@dataclass
 class ProxyWorld:
     spec: WorldSpec
     seed: int
@@ -183,6 +195,7 @@ class ProxyWorld:
     test_new: ImageSet
     base: list[int] = field(default_factory=list)
     new: list[int] = field(default_factory=list)
+    truth: WorldTruth | None = field(default=None, repr=False)
 
     def training_set(self) -> TrainingSet:
         """The base classes' shots and validation images with local labels, as the stages see them."""
@@ -253,7 +266,9 @@ def make_world(spec: WorldSpec, seed: int) -> ProxyWorld:
     structured = F.normalize(torch.randn(C, spec.rank, generator=gen), dim=-1) @ basis.T
     own = F.normalize(torch.randn(C, d, generator=gen), dim=-1)
     concepts = F.normalize(spec.shared**0.5 * structured + (1 - spec.shared) ** 0.5 * own, dim=-1)
-    viewed = _viewed(concepts, basis, spec.mode_shift, spec.modes, gen) + spec.mode_style * _styles(basis, spec.modes, gen)
+    rotated = _viewed(concepts, basis, spec.mode_shift, spec.modes, gen)
+    traces = spec.mode_style * _styles(basis, spec.modes, gen)  # [K, d]
+    viewed = rotated + traces
     modes = noise.around(viewed, spec.mode_spread)  # [C, K, d]
 
     spread = torch.full((C, 1), spec.template_noise_base)
@@ -294,6 +309,7 @@ def make_world(spec: WorldSpec, seed: int) -> ProxyWorld:
         test_new=test_sets[1],
         base=base,
         new=new,
+        truth=WorldTruth(concepts, viewed, traces, modes, text_embedding),
     )
 
 
