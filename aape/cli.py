@@ -306,5 +306,12 @@ def config_check(params_file: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{params_file}: valid (run '{params.run.name}', dataset '{params.data.dataset}', backbone {params.backbone.model}/{params.backbone.pretrained})")
 
 
+def entry() -> None:
+    """The `aape` console script: the command group, exiting without shutdown's garbage collection."""
+    from aape.allocator import exit_with
+
+    exit_with(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -270,4 +270,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from aape.allocator import exit_with
+
+    exit_with(main)

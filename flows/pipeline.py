@@ -103,7 +103,13 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-if __name__ == "__main__":
+def main() -> None:
     # Prefect has logged the failed task with its traceback already; the last lines say what to fix.
     with report_errors():
         pipeline()
+
+
+if __name__ == "__main__":
+    from aape.allocator import exit_with
+
+    exit_with(main)

@@ -72,3 +72,47 @@ def test_loading_a_backbone_for_the_cpu_applies_it(monkeypatch):
     monkeypatch.setattr(allocator, "_state", {})
     load_backbone(BackboneConfig(model="aape-tiny", pretrained="random-init"), device="cpu")
     assert allocator._state == {"on": True}
+
+
+# Process exit (allocator.exit_with): the status and the atexit handlers stay, the shutdown's cycle search goes.
+
+EXITING = """
+import atexit, gc, sys
+from aape.allocator import exit_with
+
+atexit.register(lambda: print("atexit ran, objects frozen:", gc.get_freeze_count() > 0, flush=True))
+kind = sys.argv[1]
+
+def main():
+    if kind == "raise":
+        raise RuntimeError("boom")
+    return 5
+
+exit_with(main)
+"""
+
+
+@pytest.mark.parametrize("kind, status, stderr_has", [("status", 5, ""), ("raise", 1, "RuntimeError: boom")])
+def test_a_process_run_through_exit_with_keeps_its_status_and_atexit_handlers_with_its_objects_frozen(kind, status, stderr_has):
+    done = subprocess.run([sys.executable, "-c", EXITING, kind], capture_output=True, text=True, timeout=60)
+    assert done.returncode == status
+    assert done.stdout.strip() == "atexit ran, objects frozen: True"
+    assert stderr_has in done.stderr
+
+
+def test_the_aape_command_and_the_dask_workers_teardown_freeze_before_exiting(monkeypatch):
+    from aape import cli
+    from flows import dask_worker_setup
+
+    frozen = []
+    monkeypatch.setattr(allocator.gc, "freeze", lambda: frozen.append("cli"))
+    monkeypatch.setattr(sys, "argv", ["aape", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry()
+    assert exit_info.value.code == 0 and frozen == ["cli"]
+
+    import gc
+
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append("worker"))
+    dask_worker_setup.dask_teardown(None)
+    assert frozen == ["cli", "worker"]
