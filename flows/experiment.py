@@ -49,7 +49,15 @@ def _run_stages(params, names) -> None:
 
 @task(name="shared-work", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def shared_work_task(cell: ex.Cell, params_file: str | None) -> str:
-    _run_stages(ex.cell_params(cell, params_file), FIRST_STAGES)
+    from aape.backbone import resolve_device
+    from aape.method import fused_head
+
+    params = ex.cell_params(cell, params_file)
+    _run_stages(params, FIRST_STAGES)
+    if resolve_device(params.run.device).type == "cpu":
+        # On a fresh machine the first CPU evaluation builds the fused head (a minute on 2 cores), and every
+        # worker's first cell would wait on that build; once here, the workers load it from torch's disk cache.
+        fused_head.prebuild()
     return cell.key
 
 

@@ -92,3 +92,12 @@ def test_a_failed_build_is_said_once_and_the_pytorch_path_gives_the_same_logits(
     with pytest.raises(FusedHeadError, match="did not build \\(CalledProcessError: no c\\+\\+ compiler\\); install a C\\+\\+ compiler"):
         with torch.no_grad():
             model.logits(x, w)
+
+
+def test_prebuild_builds_once_and_respects_the_switch(built, monkeypatch):
+    assert fused_head.prebuild() is True and fused_head._state["module"] is not None
+    monkeypatch.setenv("AAPE_FUSED_HEAD", "off")
+    assert fused_head.prebuild() is False
+    monkeypatch.setattr(fused_head, "_state", {"module": None, "failure": "CalledProcessError: no c++ compiler", "warned": False})
+    monkeypatch.setenv("AAPE_FUSED_HEAD", "auto")
+    assert fused_head.prebuild() is False

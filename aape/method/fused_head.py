@@ -173,6 +173,13 @@ def _compiled():
     return _state["module"]
 
 
+def prebuild() -> bool:
+    """Build the loop now (a minute on 2 cores the first time; later a load from torch's disk cache),
+    so that the first evaluation does not pay for it. False where it is switched off or cannot build:
+    evaluation then says so and takes the PyTorch path, as it would have anyway."""
+    return mode() != "off" and _compiled() is not None
+
+
 def usable(part, x: torch.Tensor, tracked: bool) -> bool:
     """Whether this evaluation can take the fused loop (after building it on first use)."""
     wanted = mode()
