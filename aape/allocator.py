@@ -28,10 +28,10 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import os
 import platform
 from typing import Callable, NoReturn
 
+from aape import switches
 from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,7 @@ class AllocatorSettingError(AAPEError, ValueError):
 
 
 def mode() -> str:
-    value = os.environ.get("AAPE_RETAIN_MEMORY", "auto").strip().lower()
-    if value not in MODES:
-        raise AllocatorSettingError(f"AAPE_RETAIN_MEMORY={value!r} is not one of {', '.join(MODES)}; unset it or set it to 'off'")
-    return value
+    return switches.choice("AAPE_RETAIN_MEMORY", MODES, AllocatorSettingError, hint="unset it or set it to 'off'")
 
 
 def _glibc():

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 from typing import Any
 
 import torch
 
+from aape import switches
 from aape.errors import AAPEError
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,7 @@ _state: dict[str, Any] = {"module": None, "failure": None, "warned": False}
 
 
 def mode() -> str:
-    value = os.environ.get("AAPE_FUSED_HEAD", "auto").strip().lower()
-    if value not in MODES:
-        raise FusedHeadError(f"AAPE_FUSED_HEAD={value!r} is not one of {', '.join(MODES)}")
-    return value
+    return switches.choice("AAPE_FUSED_HEAD", MODES, FusedHeadError)
 
 
 def _cpu_signature() -> str:
