@@ -14,14 +14,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision import transforms as T
 
 from aape.allocator import retain_freed_memory
 from aape.config import BackboneConfig
 from aape.errors import AAPEError
 from aape.network import host_reachable
+
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: importing it costs seconds
+    from torchvision import transforms as T  # (torch._dynamo through torchvision.ops), and stages that
+    # train or evaluate on cached features never need it
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,8 @@ def to_rgb(image):
 def coop_train_transform(size: int) -> T.Compose:
     """CoOp's training augmentation: random resized crop + horizontal flip, bicubic; uint8 out
     (`Backbone.normalize` does ToTensor's /255 and Normalize)."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -187,6 +193,8 @@ def coop_train_transform(size: int) -> T.Compose:
 def clip_eval_transform(size: int) -> T.Compose:
     """CLIP's evaluation preprocessing: resize the short side, centre crop; uint8 out
     (`Backbone.normalize` does ToTensor's /255 and Normalize)."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),

@@ -17,6 +17,7 @@ def dask_setup(worker) -> None:  # distributed calls this once per worker
     import aape.stages.train_aggregator  # noqa: F401
     import aape.stages.train_baselines  # noqa: F401
     import matplotlib.figure  # noqa: F401 (the evaluation's figures)
+    import open_clip  # noqa: F401 (extract-features loads a backbone in every cell; torchvision comes with it)
     import prefect.task_engine  # noqa: F401 (what runs each cell as a Prefect task: ~15 s on a cold worker)
 
     import flows.experiment  # noqa: F401

@@ -31,3 +31,26 @@ def test_the_checker_sees_imports(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import prefect.flows\nfrom mlflow.tracking import MlflowClient\nfrom . import x\n")
     assert _imported_roots(sample) == {"prefect", "mlflow"}
+
+
+def test_stages_on_cached_features_do_not_import_the_image_stack():
+    # torchvision's import pulls in torch._dynamo (about 3 s of every stage process on a 2-core
+    # machine); stages that read cached features import it only when they load a backbone.
+    import subprocess
+    import sys
+
+    stages = ["train_aggregator", "distill_generator", "evaluate", "train_baselines"]
+    code = "; ".join(f"import aape.stages.{name}" for name in stages)
+    code += "; import sys; print(sorted(m for m in ('torchvision', 'open_clip', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=AAPE.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_building_a_transform_brings_torchvision_in():
+    import subprocess
+    import sys
+
+    code = ("import sys; from aape.backbone import clip_eval_transform; assert 'torchvision' not in sys.modules; "
+            "t = clip_eval_transform(32); print(type(t).__module__, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=AAPE.parent)
+    assert out.stdout.strip() == "torchvision.transforms.transforms True"

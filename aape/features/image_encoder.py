@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 from aape.backbone import Backbone
@@ -126,6 +125,8 @@ def backbone_key(backbone: Backbone) -> dict[str, Any]:
 
 
 def preprocessing_key(backbone: Backbone, spec: ViewSpec) -> dict[str, Any]:
+    import torchvision  # already imported by the backbone's transforms; kept out of this module's import
+
     transform = backbone.eval_transform if spec.is_clean else backbone.train_transform
     key = {
         "transform": repr(transform),
