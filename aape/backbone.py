@@ -23,9 +23,10 @@ from aape.config import BackboneConfig
 from aape.errors import AAPEError
 from aape.network import host_reachable
 
-if TYPE_CHECKING:  # torchvision is imported where a transform is built: importing it costs seconds
-    from torchvision import transforms as T  # (torch._dynamo through torchvision.ops), and stages that
-    # train or evaluate on cached features never need it
+# torchvision is imported where a transform is built: its import costs seconds (torch._dynamo,
+# through torchvision.ops), and the stages that train or evaluate on cached features never need it.
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 log = logging.getLogger(__name__)
 
