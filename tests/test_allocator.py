@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from aape import allocator
-from aape.errors import AAPEError
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
@@ -60,7 +59,7 @@ def test_off_leaves_glibc_defaults_which_map_and_unmap_large_blocks():
 
 def test_an_unknown_setting_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setenv("AAPE_RETAIN_MEMORY", "yes")
-    with pytest.raises(AAPEError, match=r"AAPE_RETAIN_MEMORY='yes' is not one of auto, off; unset it"):
+    with pytest.raises(allocator.AllocatorSettingError, match=r"AAPE_RETAIN_MEMORY='yes' is not one of auto, off; unset it"):
         allocator.mode()
 
 
